@@ -1,0 +1,42 @@
+# lokr-edu: `make course` runs every lecture, `make test` checks everything.
+# Each target creates .venv and installs the package with [dev] when needed.
+# torch is pinned to the CPU build via constraints.txt, so no install pulls a CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install course test lint exercises notebooks clean
+
+$(INSTALLED): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+course: $(INSTALLED)
+	$(BIN)/python -m lokr_edu.course run
+
+test: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m lokr_edu.exercises check
+	$(BIN)/python -m pytest
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+exercises: $(INSTALLED)
+	$(BIN)/python -m lokr_edu.exercises build
+
+# For authors: re-execute lectures and solutions in place (commit the outputs), then rebuild exercises.
+notebooks: $(INSTALLED)
+	$(BIN)/python -m lokr_edu.course execute --inplace notebooks/*.ipynb solutions/*.ipynb
+	$(BIN)/python -m lokr_edu.exercises build
+
+clean:
+	rm -rf build

@@ -1,0 +1,11 @@
+"""lokr-edu: the companion package of a course on parameter-efficient fine-tuning.
+
+Each module is the answer key of a chapter (see the README's syllabus). The names below are
+the public ones that notebooks, tests and users rely on.
+"""
+
+from lokr_edu.kron import factorize, kron
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "factorize", "kron"]

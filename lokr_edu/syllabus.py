@@ -1,0 +1,94 @@
+"""The course's chapters: one source for chapter 00's table and the README's syllabus.
+
+`cpu_seconds` is what `make course` printed for the chapter on the course's reference machine
+(2 CPU cores, no GPU); tests check that every chapter listed as ready has its files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Chapter", "CHAPTERS"]
+
+
+@dataclass(frozen=True)
+class Chapter:
+    number: str  # "01"
+    title: str
+    notebook: str  # path from the repository root
+    module: str | None  # the lokr_edu module that is the chapter's answer key
+    needs: str  # what the chapter needs beyond the package's install
+    cpu_seconds: int | None  # measured by `make course` on 2 cores; None = not written yet
+    exercises: str | None  # path of the exercise notebook, None if the chapter has none
+
+    @property
+    def ready(self) -> bool:
+        return self.cpu_seconds is not None
+
+
+CHAPTERS: list[Chapter] = [
+    Chapter("00", "Setup", "notebooks/00_setup.ipynb", None, "nothing", 3, None),
+    Chapter(
+        "01",
+        "The Kronecker product",
+        "notebooks/01_kronecker_product.ipynb",
+        "lokr_edu/kron.py",
+        "CPU",
+        10,
+        "exercises/01_kronecker_product_exercises.ipynb",
+    ),
+    Chapter(
+        "02",
+        "PEFT and LoRA",
+        "notebooks/02_peft_and_lora.ipynb",
+        "lokr_edu/lowrank.py",
+        "CPU",
+        None,
+        None,
+    ),
+    Chapter(
+        "03",
+        "LoHa and LoKr on SD1.5",
+        "notebooks/03_loha_and_lokr.ipynb",
+        "lokr_edu/sd15.py",
+        "CPU",
+        None,
+        None,
+    ),
+    Chapter(
+        "04",
+        "An adapter library from scratch",
+        "notebooks/04_adapters.ipynb",
+        "lokr_edu/adapters.py",
+        "CPU",
+        None,
+        None,
+    ),
+    Chapter(
+        "05",
+        "Fine-tuning on a laptop CPU",
+        "notebooks/05_cpu_finetuning.ipynb",
+        "lokr_edu/toy.py",
+        "CPU",
+        None,
+        None,
+    ),
+    Chapter(
+        "06",
+        "Attention and where LoRA goes",
+        "notebooks/06_attention.ipynb",
+        "lokr_edu/attention.py",
+        "CPU",
+        None,
+        None,
+    ),
+    Chapter(
+        "07",
+        "Fine-tuning Stable Diffusion 1.5",
+        "notebooks/07_stable_diffusion.ipynb",
+        "lokr_edu/diffusion.py",
+        "GPU for the full run; tiny mode on CPU",
+        None,
+        None,
+    ),
+]
