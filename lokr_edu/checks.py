@@ -50,6 +50,16 @@ def _require_tensor(name: str, value: object, shape: tuple[int, ...], context: s
         raise CheckError(f"{name} returned shape {tuple(value.shape)} {context}; expected {shape}")
 
 
+def _call(name: str, function: Callable, *args: object, context: str) -> object:
+    """Call the student's function; report a crash with the case that caused it."""
+    try:
+        return function(*args)
+    except (NotImplementedError, CheckError):
+        raise
+    except Exception as error:
+        raise CheckError(f"{name} raised {type(error).__name__} {context}: {error}") from error
+
+
 @contextlib.contextmanager
 def _forbid_kron(
     exercise: str, reason: str = "the point is to get the answer without building A ⊗ B"
@@ -79,7 +89,7 @@ def check_kron(kron: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> No
         (m, n), (p, q) = a_shape, b_shape
         context = f"for A {_shape(A)} and B {_shape(B)}"
         with _forbid_kron("kron", "write it from the definition, block (i, j) = A[i, j]·B"):
-            got = kron(A, B)
+            got = _call("kron", kron, A, B, context=context)
         _require_tensor("kron", got, (m * p, n * q), context + " (A ⊗ B is (m·p)×(n·q))")
         want = torch.kron(A, B)
         if torch.allclose(got, want):
@@ -108,7 +118,7 @@ def check_kron_singular_values(
         context = f"for A {_shape(A)} and B {_shape(B)}"
         count = min(a_shape) * min(b_shape)
         with _forbid_kron("kron_singular_values"):
-            got = kron_singular_values(A, B)
+            got = _call("kron_singular_values", kron_singular_values, A, B, context=context)
         _require_tensor(
             "kron_singular_values", got, (count,), context + " (min(m, n)·min(p, q) values)"
         )
@@ -145,8 +155,8 @@ def check_numerical_rank(numerical_rank: Callable[[torch.Tensor, float], int]) -
     ]
     for seed, (values, rows, cols, rtol, want) in enumerate(cases):
         M = _matrix_with_spectrum(values, rows, cols, seed=10 * seed)
-        got = numerical_rank(M, rtol)
         where = f"for a {rows}×{cols} matrix with singular values {values or '(all zero)'}"
+        got = _call("numerical_rank", numerical_rank, M, rtol, context=where)
         if isinstance(got, torch.Tensor) and got.numel() == 1:
             got = got.item()
         if not isinstance(got, int) or isinstance(got, bool):
@@ -167,14 +177,15 @@ def check_kron_matvec(
     kron_matvec: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> None:
     """Exercise 1.4: (A ⊗ B) @ x for one vector and for a batch, without building A ⊗ B."""
-    for case, (a_shape, b_shape) in enumerate(KRON_SHAPES):
+    # a square B first, so that using B for Bᵀ gives wrong values rather than a crash
+    for case, (a_shape, b_shape) in enumerate([((3, 2), (3, 3)), *KRON_SHAPES]):
         A, B = _random(*a_shape, seed=case), _random(*b_shape, seed=100 + case)
         (m, n), (p, q) = a_shape, b_shape
         for batch in [(), (5,)]:
             x = _random(*batch, n * q, seed=200 + case)
             context = f"for A {_shape(A)}, B {_shape(B)} and x of shape {tuple(x.shape)}"
             with _forbid_kron("kron_matvec"):
-                got = kron_matvec(A, B, x)
+                got = _call("kron_matvec", kron_matvec, A, B, x, context=context)
             _require_tensor("kron_matvec", got, (*batch, m * p), context)
             want = x @ torch.kron(A, B).T
             if torch.allclose(got, want):
@@ -197,7 +208,7 @@ def check_factorize(factorize: Callable[[int, int], tuple[int, int]]) -> None:
     for factor in [-1, 4, 8, 16]:
         for dim in FACTORIZE_DIMS:
             call = f"factorize({dim}, factor={factor})"
-            got = factorize(dim, factor)
+            got = _call("factorize", factorize, dim, factor, context=f"for {call}")
             want = reference_factorize(dim, factor)
             if not (
                 isinstance(got, tuple) and len(got) == 2 and all(isinstance(v, int) for v in got)

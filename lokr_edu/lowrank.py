@@ -8,9 +8,9 @@ small factors. The three families differ only in how the factors make ΔW:
     LoKr   ΔW = scale · W1 ⊗ W2,  W1 (a × b), W2 (c × d)    m = ac, n = bd
 
 Names and layouts follow LyCORIS (its `functional/` and the keys it writes), so a function here
-computes, number for number, what `lycoris` and `peft` compute; `tests/test_lowrank.py` checks
-that against the installed libraries. The scale rule every one of them shares: alpha None (or 0,
-as kohya and LyCORIS read a stored alpha of 0) means alpha = r, i.e. scale 1.
+computes, number for number, what `lycoris` computes, and `peft` too except where
+`tests/test_lowrank.py` shows the two libraries differ. The scale rule, as kohya and LyCORIS read
+a file: alpha None (or a stored alpha of 0) means alpha = r, i.e. scale 1.
 
 The second half counts: the tensors an adapter stores for one layer (`adapter_shapes`), how many
 trainable numbers that is (`count_params`), and the bytes of a `.safetensors` file

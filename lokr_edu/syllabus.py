@@ -92,3 +92,20 @@ CHAPTERS: list[Chapter] = [
         None,
     ),
 ]
+
+
+def markdown_table() -> str:
+    """The README's syllabus table (tests/test_project.py checks the README contains it)."""
+    lines = [
+        "| ch | chapter | notebook | module | needs | CPU time | exercises |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in CHAPTERS:
+        notebook = f"[{c.notebook}]({c.notebook})" if c.ready else c.notebook
+        module = f"`{c.module}`" if c.module else "—"
+        time = f"~{c.cpu_seconds} s" if c.ready else "planned"
+        exercises = f"[{c.exercises}]({c.exercises})" if c.exercises else "—"
+        lines.append(
+            f"| {c.number} | {c.title} | {notebook} | {module} | {c.needs} | {time} | {exercises} |"
+        )
+    return "\n".join(lines)

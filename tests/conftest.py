@@ -23,7 +23,9 @@ _compare_outputs = IPyNbCell.compare_outputs
 
 
 def _without_stderr(outputs: list) -> list:
-    return [o for o in outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+    return [
+        o for o in outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
+    ]
 
 
 def compare_outputs_ignoring_stderr(self, test, ref, skip_compare=None):

@@ -1,0 +1,219 @@
+"""Stable Diffusion 1.5 as an architecture: its U-Net and text encoder, with no weights.
+
+The two networks an SD1.5 adapter trains are built from their published configurations
+(runwayml/stable-diffusion-v1-5: unet/config.json and text_encoder/config.json, copied below) on
+PyTorch's meta device: every tensor has a shape and no storage, so the whole 982M-parameter
+model builds in a fraction of a second with no download. That is all chapter 03 needs to count
+what LoRA / LoHa / LoKr would store for SD1.5, and all chapter 07 needs to name the layers.
+
+Two target sets name the layers an adapter wraps:
+- "diffusers": the diffusers LoRA training scripts, U-Net `to_q`, `to_k`, `to_v`, `to_out.0`
+  (train_text_to_image_lora.py); text encoder `q_proj`, `k_proj`, `v_proj`, `out_proj`
+  (train_dreambooth_lora.py with --train_text_encoder).
+- "kohya": kohya sd-scripts networks/lora.py, the format A1111 / ComfyUI / LyCORIS read: every
+  nn.Linear and 1×1 nn.Conv2d inside a U-Net `Transformer2DModel`, and inside the text
+  encoder's `CLIPAttention` / `CLIPMLP` (`CLIPSdpaAttention` in some transformers 4 releases).
+  Each is saved under `kohya_key(...)`, e.g.
+  `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+# runwayml/stable-diffusion-v1-5, unet/config.json (diffusers UNet2DConditionModel)
+UNET_CONFIG: dict[str, object] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+# runwayml/stable-diffusion-v1-5, text_encoder/config.json: the text half of CLIP ViT-L/14
+TEXT_ENCODER_CONFIG: dict[str, object] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+
+UNET_PARAMS = 859_520_964  # parameters of the SD1.5 U-Net
+TEXT_ENCODER_PARAMS = 123_060_480  # parameters of the SD1.5 text encoder
+
+COMPONENTS = ("unet", "text_encoder")
+TARGET_SETS = ("diffusers", "kohya")
+
+# kohya sd-scripts networks/lora.py: LoRA goes on Linear / 1×1 Conv2d inside these blocks.
+KOHYA_BLOCKS = {
+    "unet": ("Transformer2DModel",),
+    "text_encoder": ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
+}
+# diffusers / peft: a module is a target when its dotted name ends with one of these.
+DIFFUSERS_SUFFIXES = {
+    "unet": ("to_q", "to_k", "to_v", "to_out.0"),
+    "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+
+class Target(NamedTuple):
+    """One layer an adapter wraps: its dotted module name, kind and weight shape (m × n)."""
+
+    name: str  # e.g. "down_blocks.0.attentions.0.proj_in"
+    kind: str  # "linear" or "conv1x1"
+    out_features: int  # m
+    in_features: int  # n
+
+
+def build_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:
+    """The SD1.5 U-Net from UNET_CONFIG, 859,520,964 parameters, on `device` (meta: no memory).
+
+    Defined in chapter 03 (03_loha_and_lokr.ipynb).
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with torch.device(device):
+            return UNet2DConditionModel(**UNET_CONFIG)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def build_text_encoder(device: str | torch.device = "meta") -> CLIPTextModel:
+    """The SD1.5 text encoder (CLIP ViT-L/14 text), 123,060,480 parameters, on `device`.
+
+    Defined in chapter 03 (03_loha_and_lokr.ipynb).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with torch.device(device):
+            return CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+@functools.cache
+def _meta_model(component: str) -> nn.Module:
+    """One shared meta-device model per component, only read here (never hand it out)."""
+    return build_unet() if component == "unet" else build_text_encoder()
+
+
+def _check(component: str, target_set: str | None = None) -> None:
+    if component not in COMPONENTS:
+        raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+    if target_set is not None and target_set not in TARGET_SETS:
+        raise ValueError(f"target_set must be one of {TARGET_SETS}, got {target_set!r}")
+
+
+def _as_target(name: str, module: nn.Module) -> Target | None:
+    """A Target for a Linear or a 1×1 Conv2d, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return Target(name, "linear", module.out_features, module.in_features)
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        return Target(name, "conv1x1", module.out_channels, module.in_channels // module.groups)
+    return None
+
+
+@functools.cache
+def targets(component: str = "unet", target_set: str = "kohya") -> tuple[Target, ...]:
+    """The layers `target_set` adapts in the SD1.5 `component`, in module order.
+
+    kohya: every Linear / 1×1 Conv2d inside a KOHYA_BLOCKS block (192 in the U-Net, 72 in the
+    text encoder). diffusers: modules whose name ends in a DIFFUSERS_SUFFIXES entry (128 in the
+    U-Net: 16 transformer blocks × attn1, attn2 × 4 projections; 48 in the text encoder).
+    Defined in chapter 03 (03_loha_and_lokr.ipynb); used in chapter 07.
+    """
+    _check(component, target_set)
+    model = _meta_model(component)
+    found: dict[str, Target] = {}
+    if target_set == "kohya":
+        for block_name, block in model.named_modules():
+            if type(block).__name__ not in KOHYA_BLOCKS[component]:
+                continue
+            for child_name, child in block.named_modules():
+                name = f"{block_name}.{child_name}" if child_name else block_name
+                target = _as_target(name, child)
+                if target is not None:
+                    found.setdefault(name, target)
+    else:
+        suffixes = DIFFUSERS_SUFFIXES[component]
+        for name, module in model.named_modules():
+            if any(name == s or name.endswith("." + s) for s in suffixes):
+                target = _as_target(name, module)
+                if target is not None:
+                    found[name] = target
+    return tuple(found.values())
+
+
+def kohya_key(name: str, component: str = "unet") -> str:
+    """The kohya / LyCORIS key prefix of a module: `lora_unet_` or `lora_te_` + name, "." -> "_".
+
+    Text-encoder names are those of transformers 4 ("text_model.encoder.layers.0..."), the names
+    every SD1.5 kohya file uses; transformers 5 dropped the `text_model.` level, so it is put
+    back here: "encoder.layers.0.mlp.fc1" -> "lora_te_text_model_encoder_layers_0_mlp_fc1".
+    Defined in chapter 07.
+    """
+    _check(component)
+    if component == "text_encoder" and not name.startswith("text_model."):
+        name = "text_model." + name
+    return f"{KOHYA_PREFIX[component]}_{name}".replace(".", "_")
+
+
+def shape_counts(layers: tuple[Target, ...] | list[Target]) -> dict[tuple[int, int], int]:
+    """The distinct (m, n) weight shapes among `layers`, with how many layers have each.
+
+    Sorted by shape. Defined in chapter 03 (03_loha_and_lokr.ipynb).
+    """
+    counts = Counter((t.out_features, t.in_features) for t in layers)
+    return dict(sorted(counts.items()))

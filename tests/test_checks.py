@@ -1,0 +1,191 @@
+"""Every exercise check passes on the reference answer and fails, helpfully, on wrong ones."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from lokr_edu import checks
+from lokr_edu.kron import (
+    factorize,
+    kron,
+    kron_matvec,
+    kron_singular_values,
+    numerical_rank,
+)
+
+
+# ---- plausible wrong answers a student might write -------------------------------------------
+def kron_swapped(A, B):  # B ⊗ A
+    return kron(B, A)
+
+
+def kron_wrong_column_order(A, B):  # merges columns as (l, j) instead of (j, l)
+    (m, n), (p, q) = A.shape, B.shape
+    return (A[:, None, None, :] * B[None, :, :, None]).reshape(m * p, n * q)
+
+
+def kron_wrong_shape(A, B):
+    return (A[:, None, :, None] * B[None, :, None, :]).reshape(A.shape[0] * B.shape[0], -1).T
+
+
+def kron_via_torch(A, B):
+    return torch.kron(A, B)
+
+
+def singular_values_unsorted(A, B):
+    return torch.outer(torch.linalg.svdvals(A), torch.linalg.svdvals(B)).flatten()
+
+
+def singular_values_sums(A, B):
+    s = torch.linalg.svdvals(A)[:, None] + torch.linalg.svdvals(B)[None, :]
+    return torch.sort(s.flatten(), descending=True).values
+
+
+def singular_values_built(A, B):
+    return torch.linalg.svdvals(torch.kron(A, B))
+
+
+def rank_absolute_tolerance(M, rtol):  # forgets to scale by σ_max
+    s = torch.linalg.svdvals(M)
+    return int((s > rtol).sum())
+
+
+def rank_forgets_zero_matrix(M, rtol):  # the zero matrix has σ_max = 0: everything is "> 0·rtol"?
+    s = torch.linalg.svdvals(M)
+    return int((s >= rtol * s[0]).sum())
+
+
+def rank_returns_tensor(M, rtol):
+    s = torch.linalg.svdvals(M)
+    return (s > rtol * s[0]).sum().float().reshape(1, 1).repeat(1, 2)
+
+
+def matvec_uses_B_not_Bt(A, B, x):
+    (m, n), (p, q) = A.shape, B.shape
+    X = x.reshape(*x.shape[:-1], n, q)
+    return (A @ X @ B).reshape(*x.shape[:-1], m * p)
+
+
+def matvec_column_major(A, B, x):  # reshapes as if torch stacked columns
+    (m, n), (p, q) = A.shape, B.shape
+    X = x.reshape(*x.shape[:-1], q, n).transpose(-1, -2)
+    return (A @ X @ B.T).reshape(*x.shape[:-1], m * p)
+
+
+def matvec_no_batch(A, B, x):
+    (m, n), (p, q) = A.shape, B.shape
+    return (A @ x.reshape(n, q) @ B.T).reshape(m * p)
+
+
+def matvec_builds_kron(A, B, x):
+    return x @ torch.kron(A, B).T
+
+
+def factorize_unsorted(dim, factor=-1):
+    p, q = factorize(dim, factor)
+    return (q, p)
+
+
+def factorize_ignores_factor(dim, factor=-1):
+    return factorize(dim)
+
+
+def factorize_sqrt_floor(dim, factor=-1):  # assumes √dim is a divisor
+    p = math.isqrt(dim)
+    return (p, dim // p)
+
+
+def factorize_returns_list(dim, factor=-1):
+    return list(factorize(dim, factor))
+
+
+def factorize_cap_ignored_when_not_dividing(dim, factor=-1):
+    if factor > 0 and dim % factor == 0:
+        return factorize(dim, factor)
+    return factorize(dim)
+
+
+CASES = [
+    (
+        checks.check_kron,
+        kron,
+        [
+            (kron_swapped, "computed B ⊗ A"),
+            (kron_wrong_column_order, "at entry"),
+            (kron_wrong_shape, "returned shape"),
+            (kron_via_torch, "called torch.kron"),
+        ],
+    ),
+    (
+        checks.check_kron_singular_values,
+        kron_singular_values,
+        [
+            (singular_values_unsorted, "not sorted largest first"),
+            (singular_values_sums, "is a product σ_i(A)·σ_j(B)"),
+            (singular_values_built, "called torch.kron"),
+        ],
+    ),
+    (
+        checks.check_numerical_rank,
+        numerical_rank,
+        [
+            (rank_absolute_tolerance, "the tolerance is relative"),
+            (rank_returns_tensor, "must return an int"),
+            (rank_forgets_zero_matrix, "the zero matrix has rank 0"),
+        ],
+    ),
+    (
+        checks.check_kron_matvec,
+        kron_matvec,
+        [
+            (matvec_uses_B_not_Bt, "used B instead of Bᵀ"),
+            (matvec_column_major, "row-major flattening"),
+            (matvec_no_batch, r"raised RuntimeError for A 3×2, B 3×3 and x of shape \(5, 6\)"),
+            (matvec_builds_kron, "called torch.kron"),
+        ],
+    ),
+    (
+        checks.check_factorize,
+        factorize,
+        [
+            (factorize_unsorted, "smaller factor first"),
+            (factorize_ignores_factor, "divides"),
+            (factorize_sqrt_floor, "must multiply to"),
+            (factorize_returns_list, "tuple of two ints"),
+            (factorize_cap_ignored_when_not_dividing, "may not exceed factor"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("check", "answer"), [(c, a) for c, a, _ in CASES], ids=lambda v: v.__name__
+)
+def test_check_passes_on_the_reference(check, answer, capsys) -> None:
+    check(answer)
+    assert capsys.readouterr().out.startswith("✓ ")
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong", "message"),
+    [(c, w, m) for c, _, wrongs in CASES for w, m in wrongs],
+    ids=lambda v: getattr(v, "__name__", str(v)[:20]),
+)
+def test_check_explains_a_wrong_answer(check, wrong, message: str) -> None:
+    with pytest.raises(checks.CheckError, match=message if "\\" in message else re.escape(message)):
+        check(wrong)
+
+
+def test_forbidden_kron_is_restored_after_a_check() -> None:
+    with pytest.raises(checks.CheckError):
+        checks.check_kron(kron_via_torch)
+    assert torch.kron is not None and torch.equal(
+        torch.kron(torch.ones(1, 1), torch.eye(2)), torch.eye(2)
+    )
+    import lokr_edu
+
+    assert lokr_edu.kron is kron
