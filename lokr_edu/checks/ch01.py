@@ -1,9 +1,4 @@
-"""Checks that the exercise notebooks call on a student's answer.
-
-Each `check_*` takes the student's function, runs it on cases with known answers, and either
-prints one line starting with ✓ or raises `CheckError` saying what is wrong: a shape, a value,
-and a hint at the likely mistake. The reference answers are the package's own functions.
-"""
+"""Checks for chapter 01's exercises (solutions/01_kronecker_product_solutions.ipynb)."""
 
 from __future__ import annotations
 
@@ -15,49 +10,23 @@ from collections.abc import Callable, Iterator
 import torch
 
 import lokr_edu
+from lokr_edu.checks.common import (
+    CheckError,
+    call_student,
+    passed,
+    random_tensor,
+    require_tensor,
+    shape_str,
+)
 from lokr_edu.kron import factorize as reference_factorize
 
 __all__ = [
-    "CheckError",
     "check_kron",
     "check_kron_singular_values",
     "check_numerical_rank",
     "check_kron_matvec",
     "check_factorize",
 ]
-
-
-class CheckError(AssertionError):
-    """A student's answer is wrong; the message says how."""
-
-
-def _passed(message: str) -> None:
-    print(f"✓ {message}")
-
-
-def _random(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "×".join(str(s) for s in t.shape)
-
-
-def _require_tensor(name: str, value: object, shape: tuple[int, ...], context: str) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise CheckError(f"{name} must return a torch.Tensor, got {type(value).__name__} {context}")
-    if tuple(value.shape) != shape:
-        raise CheckError(f"{name} returned shape {tuple(value.shape)} {context}; expected {shape}")
-
-
-def _call(name: str, function: Callable, *args: object, context: str) -> object:
-    """Call the student's function; report a crash with the case that caused it."""
-    try:
-        return function(*args)
-    except (NotImplementedError, CheckError):
-        raise
-    except Exception as error:
-        raise CheckError(f"{name} raised {type(error).__name__} {context}: {error}") from error
 
 
 @contextlib.contextmanager
@@ -85,12 +54,12 @@ KRON_SHAPES = [((2, 3), (3, 4)), ((1, 5), (4, 1)), ((3, 1), (1, 2)), ((4, 4), (2
 def check_kron(kron: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
     """Exercise 1.1: kron(A, B) equals torch.kron on square, non-square, 1×n and n×1 shapes."""
     for case, (a_shape, b_shape) in enumerate(KRON_SHAPES):
-        A, B = _random(*a_shape, seed=case), _random(*b_shape, seed=100 + case)
+        A, B = random_tensor(*a_shape, seed=case), random_tensor(*b_shape, seed=100 + case)
         (m, n), (p, q) = a_shape, b_shape
-        context = f"for A {_shape(A)} and B {_shape(B)}"
+        context = f"for A {shape_str(A)} and B {shape_str(B)}"
         with _forbid_kron("kron", "write it from the definition, block (i, j) = A[i, j]·B"):
-            got = _call("kron", kron, A, B, context=context)
-        _require_tensor("kron", got, (m * p, n * q), context + " (A ⊗ B is (m·p)×(n·q))")
+            got = call_student("kron", kron, A, B, context=context)
+        require_tensor("kron", got, (m * p, n * q), context + " (A ⊗ B is (m·p)×(n·q))")
         want = torch.kron(A, B)
         if torch.allclose(got, want):
             continue
@@ -106,7 +75,7 @@ def check_kron(kron: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> No
             f"A[{i}, {j}]·B[{k}, {l}] = {want[r, c]:.4f}, got {got[r, c]:.4f} "
             f"(row {r} = i·p + k with p = {p}; column {c} = j·q + l with q = {q})"
         )
-    _passed(f"kron matches torch.kron on {len(KRON_SHAPES)} shapes, including 1×n and n×1")
+    passed(f"kron matches torch.kron on {len(KRON_SHAPES)} shapes, including 1×n and n×1")
 
 
 def check_kron_singular_values(
@@ -114,12 +83,12 @@ def check_kron_singular_values(
 ) -> None:
     """Exercise 1.2: the singular values of A ⊗ B, from those of A and B, largest first."""
     for case, (a_shape, b_shape) in enumerate(KRON_SHAPES):
-        A, B = _random(*a_shape, seed=case), _random(*b_shape, seed=100 + case)
-        context = f"for A {_shape(A)} and B {_shape(B)}"
+        A, B = random_tensor(*a_shape, seed=case), random_tensor(*b_shape, seed=100 + case)
+        context = f"for A {shape_str(A)} and B {shape_str(B)}"
         count = min(a_shape) * min(b_shape)
         with _forbid_kron("kron_singular_values"):
-            got = _call("kron_singular_values", kron_singular_values, A, B, context=context)
-        _require_tensor(
+            got = call_student("kron_singular_values", kron_singular_values, A, B, context=context)
+        require_tensor(
             "kron_singular_values", got, (count,), context + " (min(m, n)·min(p, q) values)"
         )
         # A ⊗ B has min(m·p, n·q) ≥ count singular values; those past `count` are zero.
@@ -132,13 +101,13 @@ def check_kron_singular_values(
             f"kron_singular_values is wrong {context}: expected {want[:4].tolist()}…, got "
             f"{got[:4].tolist()}…; each singular value of A ⊗ B is a product σ_i(A)·σ_j(B)"
         )
-    _passed("kron_singular_values matches the SVD of A ⊗ B without building it")
+    passed("kron_singular_values matches the SVD of A ⊗ B without building it")
 
 
 def _matrix_with_spectrum(values: list[float], rows: int, cols: int, seed: int) -> torch.Tensor:
     """A rows×cols matrix with the given singular values (and zeros after them)."""
-    U, _ = torch.linalg.qr(_random(rows, rows, seed=seed))
-    V, _ = torch.linalg.qr(_random(cols, cols, seed=seed + 1))
+    U, _ = torch.linalg.qr(random_tensor(rows, rows, seed=seed))
+    V, _ = torch.linalg.qr(random_tensor(cols, cols, seed=seed + 1))
     S = torch.zeros(rows, cols, dtype=torch.float64)
     S[range(len(values)), range(len(values))] = torch.tensor(values, dtype=torch.float64)
     return U @ S @ V.T
@@ -156,7 +125,7 @@ def check_numerical_rank(numerical_rank: Callable[[torch.Tensor, float], int]) -
     for seed, (values, rows, cols, rtol, want) in enumerate(cases):
         M = _matrix_with_spectrum(values, rows, cols, seed=10 * seed)
         where = f"for a {rows}×{cols} matrix with singular values {values or '(all zero)'}"
-        got = _call("numerical_rank", numerical_rank, M, rtol, context=where)
+        got = call_student("numerical_rank", numerical_rank, M, rtol, context=where)
         if isinstance(got, torch.Tensor) and got.numel() == 1:
             got = got.item()
         if not isinstance(got, int) or isinstance(got, bool):
@@ -170,7 +139,7 @@ def check_numerical_rank(numerical_rank: Callable[[torch.Tensor, float], int]) -
             raise CheckError(
                 f"numerical_rank returned {got} {where} and rtol={rtol}; expected {want}: {hint}"
             )
-    _passed(f"numerical_rank is right on {len(cases)} matrices, the zero matrix included")
+    passed(f"numerical_rank is right on {len(cases)} matrices, the zero matrix included")
 
 
 def check_kron_matvec(
@@ -179,14 +148,14 @@ def check_kron_matvec(
     """Exercise 1.4: (A ⊗ B) @ x for one vector and for a batch, without building A ⊗ B."""
     # a square B first, so that using B for Bᵀ gives wrong values rather than a crash
     for case, (a_shape, b_shape) in enumerate([((3, 2), (3, 3)), *KRON_SHAPES]):
-        A, B = _random(*a_shape, seed=case), _random(*b_shape, seed=100 + case)
+        A, B = random_tensor(*a_shape, seed=case), random_tensor(*b_shape, seed=100 + case)
         (m, n), (p, q) = a_shape, b_shape
         for batch in [(), (5,)]:
-            x = _random(*batch, n * q, seed=200 + case)
-            context = f"for A {_shape(A)}, B {_shape(B)} and x of shape {tuple(x.shape)}"
+            x = random_tensor(*batch, n * q, seed=200 + case)
+            context = f"for A {shape_str(A)}, B {shape_str(B)} and x of shape {tuple(x.shape)}"
             with _forbid_kron("kron_matvec"):
-                got = _call("kron_matvec", kron_matvec, A, B, x, context=context)
-            _require_tensor("kron_matvec", got, (*batch, m * p), context)
+                got = call_student("kron_matvec", kron_matvec, A, B, x, context=context)
+            require_tensor("kron_matvec", got, (*batch, m * p), context)
             want = x @ torch.kron(A, B).T
             if torch.allclose(got, want):
                 continue
@@ -197,7 +166,7 @@ def check_kron_matvec(
                 f"kron_matvec is wrong {context}: with torch's row-major flattening, "
                 f"X = x.reshape(..., n, q) and (A ⊗ B) x = (A @ X @ B.T).reshape(..., m·p)"
             )
-    _passed("kron_matvec matches (A ⊗ B) @ x for single vectors and batches")
+    passed("kron_matvec matches (A ⊗ B) @ x for single vectors and batches")
 
 
 FACTORIZE_DIMS = [1, 2, 7, 12, 16, 64, 97, 128, 250, 320, 360, 640, 768, 1024, 1280, 3072]
@@ -208,7 +177,7 @@ def check_factorize(factorize: Callable[[int, int], tuple[int, int]]) -> None:
     for factor in [-1, 4, 8, 16]:
         for dim in FACTORIZE_DIMS:
             call = f"factorize({dim}, factor={factor})"
-            got = _call("factorize", factorize, dim, factor, context=f"for {call}")
+            got = call_student("factorize", factorize, dim, factor, context=f"for {call}")
             want = reference_factorize(dim, factor)
             if not (
                 isinstance(got, tuple) and len(got) == 2 and all(isinstance(v, int) for v in got)
@@ -230,4 +199,4 @@ def check_factorize(factorize: Callable[[int, int], tuple[int, int]]) -> None:
             else:
                 hint = f"the divisor pair closest to √{dim} ≈ {math.sqrt(dim):.2f} is {want}"
             raise CheckError(f"{call} returned {got}; expected {want}: {hint}")
-    _passed(f"factorize agrees with LyCORIS on {len(FACTORIZE_DIMS)} dims × 4 factor settings")
+    passed(f"factorize agrees with LyCORIS on {len(FACTORIZE_DIMS)} dims × 4 factor settings")
