@@ -355,3 +355,72 @@ def safetensors_size_bytes(
         offset = end
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     return 8 + math.ceil(len(text) / 8) * 8 + offset
+
+
+# ---------------------------------------------------------------------------------------------
+# chapter 02: the best rank-r approximation, and two ways to apply LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def best_rank_r(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(up, down) with up @ down the best rank-r approximation of W (Eckart–Young).
+
+    From the SVD W = U Σ Vᵀ: up = U[:, :r] Σ[:r] (m × r), down = Vᵀ[:r] (r × n). No matrix of
+    rank ≤ r is closer to W in the Frobenius (or spectral) norm; the error is
+    ‖W − up @ down‖_F = sqrt(σ_{r+1}² + σ_{r+2}² + …). Defined in chapter 02.
+    """
+    W = _matrix("W", W)
+    rank = _positive_int("rank", rank)
+    if rank > min(W.shape):
+        raise ValueError(
+            f"rank r = {rank} exceeds min(m, n) = {min(W.shape)} for W {tuple(W.shape)}"
+        )
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U (m, k), S (k,), Vh (k, n)
+    return U[:, :rank] * S[:rank], Vh[:rank]
+
+
+def lora_forward(
+    x: Tensor,
+    W: Tensor,
+    down: Tensor,
+    up: Tensor,
+    alpha: float | None = None,
+    strength: float = 1.0,
+) -> Tensor:
+    """On-the-fly LoRA: y = x Wᵀ + η·(α/r)·(x downᵀ) upᵀ, never forming up @ down.
+
+    x is (..., n), W is m × n. Per input vector this costs 2mn + 2r(m + n) FLOPs instead of the
+    2mn of a fused weight W + η·ΔW, but W stays untouched, so η can change at every call.
+    Defined in chapter 02 (02_peft_and_lora.ipynb).
+    """
+    W, down, up = _matrix("W", W), _matrix("down", down), _matrix("up", up)
+    if x.shape[-1] != W.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but W is {tuple(W.shape)} (m × n)")
+    if down.shape[1] != W.shape[1] or up.shape[0] != W.shape[0] or up.shape[1] != down.shape[0]:
+        raise ValueError(
+            f"down {tuple(down.shape)} and up {tuple(up.shape)} do not fit W {tuple(W.shape)}: "
+            "down must be r × n and up m × r"
+        )
+    scale = strength * _scale(alpha, down.shape[0])
+    return x @ W.T + scale * ((x @ down.T) @ up.T)  # (..., n) -> (..., r) -> (..., m)
+
+
+def lora_forward_flops(
+    out_features: int, in_features: int, rank: int, tokens: int
+) -> dict[str, int]:
+    """FLOPs (2 per multiply-add) to apply a LoRA layer to `tokens` input vectors.
+
+    fused:      merge once (2·m·r·n, plus m·n adds), then 2·m·n per token.
+    on_the_fly: 2·m·n + 2·r·(m + n) per token, no merge. Defined in chapter 02.
+    """
+    m = _positive_int("out_features", out_features)
+    n = _positive_int("in_features", in_features)
+    r = _positive_int("rank", rank)
+    t = _positive_int("tokens", tokens)
+    return {
+        "fused_merge": 2 * m * r * n + m * n,
+        "fused_per_token": 2 * m * n,
+        "on_the_fly_per_token": 2 * m * n + 2 * r * (m + n),
+        "fused_total": 2 * m * r * n + m * n + 2 * m * n * t,
+        "on_the_fly_total": (2 * m * n + 2 * r * (m + n)) * t,
+    }

@@ -4,20 +4,9 @@ One module per chapter; every check is re-exported here, so notebooks only need 
 A check prints one line starting with ✓, or raises `CheckError` saying what is wrong.
 """
 
-from lokr_edu.checks.ch01 import (
-    check_factorize,
-    check_kron,
-    check_kron_matvec,
-    check_kron_singular_values,
-    check_numerical_rank,
-)
+from lokr_edu.checks import ch01, ch02
+from lokr_edu.checks.ch01 import *  # noqa: F403
+from lokr_edu.checks.ch02 import *  # noqa: F403
 from lokr_edu.checks.common import CheckError
 
-__all__ = [
-    "CheckError",
-    "check_factorize",
-    "check_kron",
-    "check_kron_matvec",
-    "check_kron_singular_values",
-    "check_numerical_rank",
-]
+__all__ = ["CheckError", *ch01.__all__, *ch02.__all__]

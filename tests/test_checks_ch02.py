@@ -1,0 +1,105 @@
+"""Chapter 02's checks pass on the reference answers and explain plausible wrong ones."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lokr_edu import checks
+from lokr_edu.lowrank import best_rank_r, count_params, lora_delta, lora_forward
+
+
+def reference_params(d_out, d_in, r):
+    return count_params("lora", d_out, d_in, r)
+
+
+def reference_delta(B, A, alpha):
+    return lora_delta(A, B, alpha)
+
+
+def reference_forward(x, W, B, A, alpha, eta):
+    return lora_forward(x, W, A, B, alpha, strength=eta)
+
+
+def reference_best(W, r):
+    return best_rank_r(W, r)
+
+
+CASES = [
+    (
+        checks.check_lora_params,
+        reference_params,
+        [
+            (lambda d_out, d_in, r: d_out * d_in, "that is the full matrix"),
+            (lambda d_out, d_in, r: r * d_out, "count both factors"),
+            (lambda d_out, d_in, r: r * (d_out + d_in) + 1, "α is a fixed hyperparameter"),
+            (lambda d_out, d_in, r: r * d_out * d_in, "B has d_out·r entries"),
+        ],
+    ),
+    (
+        checks.check_lora_delta,
+        reference_delta,
+        [
+            (lambda B, A, alpha: B @ A, "left out the scale α/r"),
+            (lambda B, A, alpha: alpha * A.shape[0] * (B @ A), "α divided by r"),
+            (lambda B, A, alpha: (A.shape[0] / alpha) * (B @ A), "not r/α"),
+            (lambda B, A, alpha: (alpha / A.shape[0]) * (A.T @ B.T), "returned shape"),
+            (lambda B, A, alpha: (alpha / A.shape[0]) * (B @ A) + 1, "ΔW = (α/r)·B @ A"),
+        ],
+    ),
+    (
+        checks.check_lora_forward,
+        reference_forward,
+        [
+            (lambda x, W, B, A, alpha, eta: x @ W.T + eta * ((x @ A.T) @ B.T), "α/r is missing"),
+            (
+                lambda x, W, B, A, alpha, eta: x @ W.T + (alpha / A.shape[0]) * ((x @ A.T) @ B.T),
+                "η = 0 must give the base layer",
+            ),
+            (
+                lambda x, W, B, A, alpha, eta: x @ W.T + eta * (alpha / 2) * ((x @ B) @ A),
+                "raised RuntimeError",
+            ),
+        ],
+    ),
+    (
+        checks.check_best_rank_r,
+        reference_best,
+        [
+            (
+                lambda W, r: (torch.linalg.svd(W)[0][:, :r], torch.linalg.svd(W)[2][:r]),
+                "keep the r largest",
+            ),
+            (
+                lambda W, r: (
+                    torch.linalg.svd(W, full_matrices=False)[0][:, -r:]
+                    * torch.linalg.svd(W, full_matrices=False)[1][-r:],
+                    torch.linalg.svd(W, full_matrices=False)[2][-r:],
+                ),
+                "not optimal",
+            ),
+            (lambda W, r: torch.linalg.svd(W, full_matrices=False)[0][:, :r], "must return a pair"),
+            (lambda W, r: (W[:, :r], torch.eye(r, W.shape[1], dtype=W.dtype)), "not optimal"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("check", "answer"), [(c, a) for c, a, _ in CASES], ids=lambda v: v.__name__
+)
+def test_check_passes_on_the_reference(check, answer, capsys) -> None:
+    check(answer)
+    assert capsys.readouterr().out.startswith("✓ ")
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong", "message"),
+    [(c, w, m) for c, _, wrongs in CASES for w, m in wrongs],
+    ids=lambda v: getattr(v, "__name__", str(v)[:24]),
+)
+def test_check_explains_a_wrong_answer(check, wrong, message: str) -> None:
+    with pytest.raises(checks.CheckError, match=re.escape(message)):
+        check(wrong)
