@@ -4,8 +4,19 @@ Each module is the answer key of a chapter (see the README's syllabus). The name
 the public ones that notebooks, tests and users rely on.
 """
 
+from lokr_edu.adapters import disable, enable, inject, merge, set_strength, unmerge
 from lokr_edu.kron import factorize, kron
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "factorize", "kron"]
+__all__ = [
+    "__version__",
+    "disable",
+    "enable",
+    "factorize",
+    "inject",
+    "kron",
+    "merge",
+    "set_strength",
+    "unmerge",
+]

@@ -43,8 +43,8 @@ CHAPTERS: list[Chapter] = [
         "notebooks/02_peft_and_lora.ipynb",
         "lokr_edu/lowrank.py",
         "CPU",
-        None,
-        None,
+        11,
+        "exercises/02_peft_and_lora_exercises.ipynb",
     ),
     Chapter(
         "03",
@@ -58,7 +58,7 @@ CHAPTERS: list[Chapter] = [
     Chapter(
         "04",
         "An adapter library from scratch",
-        "notebooks/04_adapters.ipynb",
+        "notebooks/04_adapter_from_scratch.ipynb",
         "lokr_edu/adapters.py",
         "CPU",
         None,
