@@ -1,0 +1,154 @@
+"""Chapter 04's checks pass on the reference answers and explain plausible wrong ones."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from lokr_edu import checks
+from lokr_edu.sd15 import kohya_key
+
+
+def lora_linear(forward=None, zero_up: bool = True, freeze: bool = True) -> type[nn.Module]:
+    class LoRALinear(nn.Module):
+        def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+            super().__init__()
+            self.base, self.rank, self.alpha, self.strength = base, rank, alpha, 1.0
+            if freeze:
+                base.requires_grad_(False)
+            dtype = base.weight.dtype
+            self.down = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype))
+            self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
+            nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+            if not zero_up:
+                nn.init.normal_(self.up)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if forward is not None:
+                return forward(self, x)
+            branch = (x @ self.down.T) @ self.up.T
+            return self.base(x) + self.strength * (self.alpha / self.rank) * branch
+
+    return LoRALinear
+
+
+def split(state: dict, module: str, sep: str = ".") -> tuple[str, dict]:
+    tensors = {k[len(module) + 1 :]: v for k, v in state.items() if k.startswith(module + sep)}
+    method = (
+        "lora" if "lora_down.weight" in tensors else "loha" if "hada_w1_a" in tensors else "lokr"
+    )
+    return method, tensors
+
+
+def merged(W, down, up, alpha, eta):
+    return W + eta * (alpha / down.shape[0]) * (up @ down)
+
+
+def merged_in_place(W, down, up, alpha, eta):
+    W += eta * (alpha / down.shape[0]) * (up @ down)
+    return W
+
+
+CASES = [
+    (
+        checks.check_lora_linear,
+        lora_linear(),
+        [
+            (
+                lora_linear(lambda s, x: s.base(x) + s.strength * (x @ s.down.T) @ s.up.T),
+                "α/r = 6/3 = 2",
+            ),
+            (
+                lora_linear(lambda s, x: s.base(x) + (s.alpha / s.rank) * (x @ s.down.T) @ s.up.T),
+                "self.strength",
+            ),
+            (
+                lora_linear(
+                    lambda s, x: (
+                        x @ s.base.weight.T
+                        + s.strength * (s.alpha / s.rank) * (x @ s.down.T) @ s.up.T
+                    )
+                ),
+                "bias is missing",
+            ),
+            (lora_linear(zero_up=False), "is up initialized to zero?"),
+            (lora_linear(freeze=False), "freeze the base"),
+        ],
+    ),
+    (
+        checks.check_merged_weight,
+        merged,
+        [
+            (
+                lambda W, down, up, alpha, eta: merged(W, down, up, alpha, 1.0),
+                "scale ΔW by the strength η",
+            ),
+            (lambda W, down, up, alpha, eta: W + eta * up @ down, "includes the factor α/r"),
+            (lambda W, down, up, alpha, eta: merged(W, down, up, alpha, eta) - W, "not ΔW alone"),
+            (merged_in_place, "changed its input W in place"),
+        ],
+    ),
+    (
+        checks.check_kohya_key,
+        kohya_key,
+        [
+            (lambda name, component: "lora_unet_" + name.replace(".", "_"), "lora_te_"),
+            (
+                lambda name, component: (
+                    {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + name
+                ),
+                "every '.' of the path becomes '_'",
+            ),
+            (
+                lambda name, component: (
+                    {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + name
+                ).replace(".", "_"),
+                "put it back",
+            ),
+        ],
+    ),
+    (
+        checks.check_split_adapter,
+        split,
+        [
+            (
+                lambda state, module: (
+                    "lora" if "lora_down.weight" in str(state) else split(state, module)[0],
+                    {k: v for k, v in state.items() if k.startswith(module)},
+                ),
+                "remove the module prefix",
+            ),
+            (
+                lambda state, module: (
+                    split(state, module)[0],
+                    {k.split(".", 1)[1]: v for k, v in state.items()},
+                ),
+                "is not the tensor from the file",
+            ),
+            (lambda state, module: ("lora", split(state, module)[1]), "expected 'loha'"),
+            (lambda state, module: split(state, module)[1], "must return (method, tensors)"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("check", "answer"), [(c, a) for c, a, _ in CASES], ids=lambda v: v.__name__
+)
+def test_check_passes_on_the_reference(check, answer, capsys) -> None:
+    check(answer)
+    assert capsys.readouterr().out.startswith("✓ ")
+
+
+@pytest.mark.parametrize(
+    ("check", "wrong", "message"),
+    [(c, w, m) for c, _, wrongs in CASES for w, m in wrongs],
+    ids=lambda v: getattr(v, "__name__", str(v)[:24]),
+)
+def test_check_explains_a_wrong_answer(check, wrong, message: str) -> None:
+    with pytest.raises(checks.CheckError, match=re.escape(message)):
+        check(wrong)
