@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 
-import pytest
 import torch
+from check_cases import check_tests
 from torch import nn
 
 from lokr_edu import checks
@@ -136,19 +135,4 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("check", "answer"), [(c, a) for c, a, _ in CASES], ids=lambda v: v.__name__
-)
-def test_check_passes_on_the_reference(check, answer, capsys) -> None:
-    check(answer)
-    assert capsys.readouterr().out.startswith("✓ ")
-
-
-@pytest.mark.parametrize(
-    ("check", "wrong", "message"),
-    [(c, w, m) for c, _, wrongs in CASES for w, m in wrongs],
-    ids=lambda v: getattr(v, "__name__", str(v)[:24]),
-)
-def test_check_explains_a_wrong_answer(check, wrong, message: str) -> None:
-    with pytest.raises(checks.CheckError, match=re.escape(message)):
-        check(wrong)
+test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)
