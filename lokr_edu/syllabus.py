@@ -67,7 +67,7 @@ CHAPTERS: list[Chapter] = [
     Chapter(
         "05",
         "Fine-tuning on a laptop CPU",
-        "notebooks/05_cpu_finetuning.ipynb",
+        "notebooks/05_finetune_on_cpu.ipynb",
         "lokr_edu/toy.py",
         "CPU",
         None,
@@ -76,7 +76,7 @@ CHAPTERS: list[Chapter] = [
     Chapter(
         "06",
         "Attention and where LoRA goes",
-        "notebooks/06_attention.ipynb",
+        "notebooks/06_attention_and_lora.ipynb",
         "lokr_edu/attention.py",
         "CPU",
         None,
