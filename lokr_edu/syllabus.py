@@ -79,8 +79,8 @@ CHAPTERS: list[Chapter] = [
         "notebooks/06_attention_and_lora.ipynb",
         "lokr_edu/attention.py",
         "CPU",
-        None,
-        None,
+        16,
+        "exercises/06_attention_and_lora_exercises.ipynb",
     ),
     Chapter(
         "07",
