@@ -5,6 +5,7 @@ the public ones that notebooks, tests and users rely on.
 """
 
 from lokr_edu.adapters import disable, enable, inject, merge, set_strength, unmerge
+from lokr_edu.io import load_adapter, save_adapter
 from lokr_edu.kron import factorize, kron
 
 __version__ = "0.1.0"
@@ -16,7 +17,9 @@ __all__ = [
     "factorize",
     "inject",
     "kron",
+    "load_adapter",
     "merge",
+    "save_adapter",
     "set_strength",
     "unmerge",
 ]

@@ -58,6 +58,8 @@ class Adapter(nn.Module):
     - LoHa: hada_w2_a is zero (one Hadamard factor is 0), the other three are random;
     - LoKr: W2 is zero (lokr_w2, or lokr_w2_b when W2 is low-rank), W1 is Kaiming-uniform.
     `alpha` is a buffer (it is not trained; files store it); alpha None means α = r.
+    `shapes` (LyCORIS key -> shape) overrides the layout that `lowrank.adapter_shapes` derives
+    from the options: `lokr_edu.io` uses it to rebuild an adapter exactly as a file stores it.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Adapter(nn.Module):
         full_matrix: bool = False,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
+        shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__()
         if method not in ADAPTER_METHODS:
@@ -88,16 +91,17 @@ class Adapter(nn.Module):
         weight = base.weight
         self.weight_shape = tuple(weight.shape)  # (m, n) or (m, n, kh, kw)
         m, n, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
-        shapes = adapter_shapes(
-            method,
-            m,
-            n,
-            rank,
-            kernel_size=kernel or None,
-            factor=factor,
-            decompose_both=decompose_both,
-            full_matrix=full_matrix,
-        )
+        if shapes is None:
+            shapes = adapter_shapes(
+                method,
+                m,
+                n,
+                rank,
+                kernel_size=kernel or None,
+                factor=factor,
+                decompose_both=decompose_both,
+                full_matrix=full_matrix,
+            )
         options = {"device": weight.device, "dtype": weight.dtype}
         for key, shape in shapes.items():
             if key == "alpha":
