@@ -71,9 +71,11 @@ def _components(target: object) -> list[tuple[str | None, nn.Module]]:
     return parts
 
 
-def _layer_key(component: str | None, name: str, prefix: str) -> str:
+def _layer_key(component: str | None, name: str, prefix: str, text_model: bool = True) -> str:
     if component is None:
         return f"{prefix}_{name}".replace(".", "_")
+    if component == "text_encoder" and not text_model:
+        return f"lora_te_{name}".replace(".", "_")  # the module's own path, as LyCORIS 4 writes
     return kohya_key(name, component)
 
 
@@ -153,11 +155,15 @@ def save_adapter(
     prefix: str = GENERIC_PREFIX,
     dtype: torch.dtype | None = None,
     base_model: str | None = None,
+    text_model_keys: bool = True,
 ) -> Path:
     """Save the adapter called `name` of every wrapped layer of `target` to a .safetensors file.
 
     format "kohya" (LoRA, LoHa, LoKr) or "peft" (LoRA only). dtype converts the tensors (e.g.
     torch.float16, as most shared files are); base_model is recorded in the metadata.
+    text_model_keys: text-encoder keys as SD1.5 files spell them (`lora_te_text_model_...`, what
+    A1111 and ComfyUI read); False writes the module's own transformers-5 path, which is what
+    lycoris-lora 4 matches when it loads a file into a transformers-5 CLIPTextModel.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -185,7 +191,7 @@ def save_adapter(
     tensors: dict[str, Tensor] = {}
     for component, module_name, adapter in adapters:
         if format == "kohya":
-            key = _layer_key(component, module_name, prefix)
+            key = _layer_key(component, module_name, prefix, text_model_keys)
             for parameter, value in adapter.named_parameters():
                 tensors[f"{key}.{_file_name(parameter)}"] = cast(value)
             tensors[f"{key}.alpha"] = cast(adapter.alpha)
