@@ -61,8 +61,8 @@ CHAPTERS: list[Chapter] = [
         "notebooks/04_adapter_from_scratch.ipynb",
         "lokr_edu/adapters.py",
         "CPU",
-        None,
-        None,
+        9,
+        "exercises/04_adapter_from_scratch_exercises.ipynb",
     ),
     Chapter(
         "05",
