@@ -52,8 +52,8 @@ CHAPTERS: list[Chapter] = [
         "notebooks/03_loha_and_lokr.ipynb",
         "lokr_edu/sd15.py",
         "CPU",
-        None,
-        None,
+        16,
+        "exercises/03_loha_and_lokr_exercises.ipynb",
     ),
     Chapter(
         "04",

@@ -37,10 +37,12 @@ def require_tensor(name: str, value: object, shape: tuple[int, ...], context: st
         raise CheckError(f"{name} returned shape {tuple(value.shape)} {context}; expected {shape}")
 
 
-def call_student(name: str, function: Callable, *args: object, context: str) -> object:
+def call_student(
+    name: str, function: Callable, *args: object, context: str, **kwargs: object
+) -> object:
     """Call the student's function; report a crash with the case that caused it."""
     try:
-        return function(*args)
+        return function(*args, **kwargs)
     except (NotImplementedError, CheckError):
         raise
     except Exception as error:
