@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lokr_edu.kron_apply import MODES, lokr_apply
 from lokr_edu.lowrank import adapter_shapes, loha_delta, lokr_delta, lora_delta
 
 __all__ = [
@@ -75,8 +76,12 @@ class Adapter(nn.Module):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         shapes: dict[str, tuple[int, ...]] | None = None,
+        lokr_mode: str = "auto",
     ) -> None:
         super().__init__()
+        if lokr_mode not in MODES:
+            raise ValueError(f"lokr_mode must be one of {MODES}, got {lokr_mode!r}")
+        self.lokr_mode = lokr_mode
         if method not in ADAPTER_METHODS:
             raise ValueError(f"method must be one of {ADAPTER_METHODS}, got {method!r}")
         if not isinstance(base, WRAPPABLE):
@@ -160,11 +165,40 @@ class Adapter(nn.Module):
             return torch.zeros((), dtype=x.dtype, device=x.device)
         if self.method == "lora":
             return self._lora_forward(x, base)
+        if self.method == "lokr":
+            return self._lokr_forward(x, base)
         delta = self.delta_weight()
         if self.training and self.rank_dropout:  # LyCORIS: drop whole output rows of ΔW
             keep = torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout
             delta = delta * keep.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
         return _apply_weight(x, delta, base)
+
+    def _lokr_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
+        """LoKr without building W1 ⊗ W2 when that is cheaper (kron_apply, chapter 04 §9)."""
+        low_rank = hasattr(self, "lokr_w1_a") or hasattr(self, "lokr_w2_a")
+        scale = self.alpha.item() / self.rank if low_rank else 1.0  # both full: α is ignored
+        W1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+        if hasattr(self, "lokr_w2"):
+            W2 = self.lokr_w2  # (c, d) or (c, d, kh, kw)
+        else:
+            W2 = (self.lokr_w2_a @ self.lokr_w2_b).reshape(
+                self.lokr_w2_a.shape[0], -1, *self.weight_shape[2:]
+            )
+        conv = None
+        if isinstance(base, nn.Conv2d):
+            conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
+        y = lokr_apply(x, W1, W2, scale, conv, mode=self.lokr_mode)
+        if self.training and self.rank_dropout:  # LyCORIS: drop whole output rows of ΔW
+            keep = (
+                torch.rand(y.shape[-1] if conv is None else y.shape[1], device=y.device)
+                > self.rank_dropout
+            )
+            y = (
+                y * keep.to(y.dtype).view(-1, *[1] * (y.dim() - 2))
+                if conv
+                else y * keep.to(y.dtype)
+            )
+        return y
 
     def _lora_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
         """LoRA on the fly (chapter 02): up(down(x))·α/r, never forming up·down."""
