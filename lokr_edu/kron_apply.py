@@ -6,8 +6,8 @@ flattening, each input vector x (n) is a matrix X (b × d) and
 
     (W1 ⊗ W2)·x = flatten(W1 · X · W2ᵀ)                               (a × c, flattened to m)
 
-For N input vectors this is two matrix products over all of them at once, (N·d × b)(b × a) and
-(N·a × d)(d × c): 2·N·a·d·(b + c) FLOPs, against 2·N·m·n for a dense ΔW plus m·n to build it.
+For N input vectors this is two matrix products over all of them at once, (N·b × d)(d × c) and
+(a × b)(b × N·c): 2·N·b·c·(d + a) FLOPs, against 2·N·m·n for a dense ΔW plus m·n to build it.
 A convolution splits the same way over input-channel groups: ΔW's block (i, j) is W1[i, j]·W2, so
 conv(x, ΔW) convolves each group of d input channels with W2, then mixes groups with W1.
 
@@ -58,8 +58,8 @@ def lokr_costs(
             "kernels": 2,  # kron, then one product
         },
         "reshape": {
-            "flops": 2 * vectors * (a * d * b + a * d * c * kernel),
-            "bytes": itemsize * vectors * (2 * n * kernel + 2 * a * d + m),
+            "flops": 2 * vectors * (b * c * d * kernel + a * b * c),
+            "bytes": itemsize * vectors * (n * kernel + 2 * b * c + 2 * m),
             "kernels": 4,  # two products, two transposed copies
         },
     }
@@ -76,13 +76,47 @@ def choose_mode(a: int, b: int, c: int, d: int, vectors: int, kernel: int = 1) -
 
 
 def _linear_reshape(x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
-    """(W1 ⊗ W2) applied to the last axis of x (..., b·d) -> (..., a·c), two large products."""
+    """(W1 ⊗ W2) applied to the last axis of x (..., b·d) -> (..., a·c), as two large products.
+
+    X_n is x_n viewed as b × d. First every row of every X_n meets W2 in one product (a view, no
+    copy); then one transposed copy lines up the b axis so that W1 meets all N·c columns at once.
+    """
     (a, b), (c, d) = W1.shape, W2.shape
     lead = x.shape[:-1]
     N = math.prod(lead)
-    X = x.reshape(N, b, d).transpose(1, 2).reshape(N * d, b)  # (N·d, b): rows are (vector, l)
-    Y = (X @ W1.T).reshape(N, d, a).transpose(1, 2).reshape(N * a, d)  # (N·a, d): rows (vector, i)
-    return (Y @ W2.T).reshape(*lead, a * c)  # (N·a, c) -> (..., a·c): index i·c + k
+    Z = x.reshape(N * b, d) @ W2.T  # (N·b, d)(d, c) -> (N·b, c): rows (n, j), columns k
+    Z = Z.reshape(N, b, c).transpose(0, 1).reshape(b, N * c)  # one copy: (b, N·c)
+    Y = W1 @ Z  # (a, b)(b, N·c) -> (a, N·c)
+    return Y.reshape(a, N, c).transpose(0, 1).reshape(*lead, a * c)  # (N, a, c): index i·c + k
+
+
+class _KronLinear(torch.autograd.Function):
+    """y = (W1 ⊗ W2)·x with a hand-written backward that keeps only x, W1, W2 for it.
+
+    Autograd through `_linear_reshape` would also keep the (b, N·c) intermediate, as large as
+    the input; here backward recomputes it. With G_n the output gradient of vector n as a × c:
+        H_n = W1ᵀ G_n (b × c),  ∂x_n = H_n W2,  ∂W2 = Σ_n H_nᵀ X_n,  ∂W1 = Σ_n G_n (X_n W2ᵀ)ᵀ
+    each sum a single product over all N vectors.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W1, W2)
+        return _linear_reshape(x, W1, W2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x, W1, W2 = ctx.saved_tensors
+        (a, b), (c, d) = W1.shape, W2.shape
+        N = grad.numel() // (a * c)
+        G = grad.reshape(N, a, c).transpose(0, 1).reshape(a, N * c)  # (a, N·c)
+        H = (W1.T @ G).reshape(b, N, c).transpose(0, 1).reshape(N * b, c)  # (N·b, c)
+        X = x.reshape(N * b, d)  # (N·b, d), a view
+        grad_x = (H @ W2).reshape(x.shape)  # (N·b, d)
+        grad_W2 = H.T @ X  # (c, d)
+        P = (X @ W2.T).reshape(N, b, c).transpose(0, 1).reshape(b, N * c)  # X_n W2ᵀ, (b, N·c)
+        grad_W1 = G @ P.T  # (a, b)
+        return grad_x, grad_W1, grad_W2
 
 
 def _conv_reshape(x: Tensor, W1: Tensor, W2: Tensor, stride, padding, dilation) -> Tensor:
@@ -138,5 +172,5 @@ def lokr_apply(
             return F.linear(x, delta) * scale
         return F.conv2d(x, delta, None, **conv) * scale
     if conv is None:
-        return _linear_reshape(x, W1, W2 * scale)
+        return _KronLinear.apply(x, W1, W2 * scale)
     return _conv_reshape(x, W1, W2 * scale, **conv)

@@ -92,7 +92,7 @@ def test_cost_model_picks_materialize_only_for_tiny_layers() -> None:
     assert choose_mode(32, 32, 40, 40, vectors=1) == "reshape"
     assert choose_mode(32, 32, 40, 40, vectors=4096) == "reshape"
     costs = lokr_costs(32, 32, 40, 40, vectors=4096)
-    assert costs["reshape"]["flops"] == 2 * 4096 * (32 * 40 * 32 + 32 * 40 * 40)
+    assert costs["reshape"]["flops"] == 2 * 4096 * (32 * 40 * 40 + 32 * 32 * 40)
     assert costs["materialize"]["flops"] == 1280 * 1280 + 2 * 4096 * 1280 * 1280
 
 
