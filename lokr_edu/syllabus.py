@@ -70,8 +70,8 @@ CHAPTERS: list[Chapter] = [
         "notebooks/05_finetune_on_cpu.ipynb",
         "lokr_edu/toy.py",
         "CPU",
-        None,
-        None,
+        42,
+        "exercises/05_finetune_on_cpu_exercises.ipynb",
     ),
     Chapter(
         "06",
