@@ -27,14 +27,14 @@ class Chapter:
 
 
 CHAPTERS: list[Chapter] = [
-    Chapter("00", "Setup", "notebooks/00_setup.ipynb", None, "nothing", 3, None),
+    Chapter("00", "Setup", "notebooks/00_setup.ipynb", None, "nothing", 6, None),
     Chapter(
         "01",
         "The Kronecker product",
         "notebooks/01_kronecker_product.ipynb",
         "lokr_edu/kron.py",
         "CPU",
-        10,
+        12,
         "exercises/01_kronecker_product_exercises.ipynb",
     ),
     Chapter(
@@ -43,7 +43,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/02_peft_and_lora.ipynb",
         "lokr_edu/lowrank.py",
         "CPU",
-        11,
+        14,
         "exercises/02_peft_and_lora_exercises.ipynb",
     ),
     Chapter(
@@ -52,7 +52,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/03_loha_and_lokr.ipynb",
         "lokr_edu/sd15.py",
         "CPU",
-        16,
+        18,
         "exercises/03_loha_and_lokr_exercises.ipynb",
     ),
     Chapter(
@@ -61,7 +61,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/04_adapter_from_scratch.ipynb",
         "lokr_edu/adapters.py",
         "CPU",
-        9,
+        12,
         "exercises/04_adapter_from_scratch_exercises.ipynb",
     ),
     Chapter(
@@ -70,7 +70,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/05_finetune_on_cpu.ipynb",
         "lokr_edu/toy.py",
         "CPU",
-        42,
+        45,
         "exercises/05_finetune_on_cpu_exercises.ipynb",
     ),
     Chapter(
@@ -79,7 +79,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/06_attention_and_lora.ipynb",
         "lokr_edu/attention.py",
         "CPU",
-        16,
+        17,
         "exercises/06_attention_and_lora_exercises.ipynb",
     ),
     Chapter(
