@@ -19,8 +19,10 @@ Two target sets name the layers an adapter wraps:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -109,6 +111,17 @@ class Target(NamedTuple):
     in_features: int  # n
 
 
+@contextlib.contextmanager
+def _quiet(library_logging) -> Iterator[None]:
+    """Silence a library's logger (diffusers' or transformers') while a model is built."""
+    verbosity = library_logging.get_verbosity()
+    library_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        library_logging.set_verbosity(verbosity)
+
+
 def build_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:
     """The SD1.5 U-Net from UNET_CONFIG, 859,520,964 parameters, on `device` (meta: no memory).
 
@@ -117,13 +130,8 @@ def build_unet(device: str | torch.device = "meta") -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
 
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        with torch.device(device):
-            return UNet2DConditionModel(**UNET_CONFIG)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
+    with _quiet(diffusers_logging), torch.device(device):
+        return UNet2DConditionModel(**UNET_CONFIG)
 
 
 def build_text_encoder(device: str | torch.device = "meta") -> CLIPTextModel:
@@ -134,13 +142,8 @@ def build_text_encoder(device: str | torch.device = "meta") -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        with torch.device(device):
-            return CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-    finally:
-        transformers_logging.set_verbosity(verbosity)
+    with _quiet(transformers_logging), torch.device(device):
+        return CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
 
 
 @functools.cache
