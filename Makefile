@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test lint exercises notebooks clean
+.PHONY: install course test test-full-arch lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m lokr_edu.exercises check
 	$(BIN)/python -m pytest
+
+# Opt-in: one LoKr training step of the full-size SD1.5 U-Net (random weights) on the CPU.
+test-full-arch: $(INSTALLED)
+	$(BIN)/python -m pytest -m full_arch -s -p no:nbval tests/test_full_arch.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
