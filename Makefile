@@ -28,7 +28,7 @@ test: $(INSTALLED)
 
 # Opt-in: one LoKr training step of the full-size SD1.5 U-Net (random weights) on the CPU.
 test-full-arch: $(INSTALLED)
-	$(BIN)/python -m pytest -m full_arch -s -p no:nbval tests/test_full_arch.py
+	$(BIN)/python -m pytest -m full_arch -s tests/test_full_arch.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
