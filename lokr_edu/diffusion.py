@@ -38,6 +38,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "train",
+    "write_tiny_clip_vocabulary",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -256,3 +257,55 @@ def train(
     if not all(math.isfinite(v) for v in losses):
         raise FloatingPointError("training diverged: a loss is not finite")
     return losses
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merging of one word: repeatedly join the lowest-ranked adjacent pair."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        rank, i = min(
+            (ranks.get((parts[i], parts[i + 1]), math.inf), i) for i in range(len(parts) - 1)
+        )
+        if rank == math.inf:
+            break
+        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
+    return parts
+
+
+def write_tiny_clip_vocabulary(words: Sequence[str], folder: Path | str) -> Path:
+    """vocab.json and merges.txt for a CLIPTokenizer that knows exactly `words`, one token each.
+
+    The tiny text-to-image model of chapter 07 uses SD1.5's classes, CLIPTokenizer included; its
+    vocabulary only needs the words of its captions. Merges are added until every word is a single
+    token (a later word can reuse, or be broken by, an earlier word's merges, so this iterates).
+    """
+    words = sorted({w.lower() for w in words})
+    if not words or not all(w.isalpha() and w.isascii() for w in words):
+        raise ValueError(
+            f"words must be a non-empty list of ASCII letters-only words, got {words!r}"
+        )
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for word in words:
+            parts = _bpe(word, ranks)
+            if len(parts) > 1:
+                ranks[(parts[0], parts[1])] = len(merges)
+                merges.append((parts[0], parts[1]))
+                changed = True
+    vocab: dict[str, int] = {}
+    for char in sorted({c for w in words for c in w}):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

@@ -109,3 +109,23 @@ def test_image_folder_and_its_errors(tmp_path) -> None:
     assert torch.allclose(pixels[0], torch.ones(16, 16)) and torch.allclose(
         pixels[1], -torch.ones(16, 16)
     )
+
+
+def test_tiny_clip_vocabulary_makes_every_caption_word_one_token(tmp_path) -> None:
+    from transformers import CLIPTokenizer
+
+    from lokr_edu.diffusion import write_tiny_clip_vocabulary
+
+    words = (
+        "a handwritten digit zero one two three four five six seven eight nine in thin bold".split()
+    )
+    folder = write_tiny_clip_vocabulary(words, tmp_path)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8
+    )
+    for word in words:
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+    ids = tokenizer("a handwritten digit three", padding="max_length", max_length=8).input_ids
+    assert len(ids) == 8 and tokenizer.decode(ids[1:5]) == "a handwritten digit three"
+    with pytest.raises(ValueError, match="ASCII letters-only words"):
+        write_tiny_clip_vocabulary(["digit-3"], tmp_path)
