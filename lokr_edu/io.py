@@ -1,19 +1,34 @@
 """Saving and loading adapters as safetensors, in the formats other tools read.
 
-Defined in chapter 04 (notebooks/04_adapter_from_scratch.ipynb).
+Defined in chapter 04 (notebooks/04_adapter_from_scratch.ipynb); used in chapter 07.
 
-Two formats, one flat {key: tensor} file each:
+A file stores the factors of every adapted layer, never ΔW itself; whoever loads it rebuilds
+ΔW = (α/r)·up @ down (LoRA), (α/r)·(w1a @ w1b) ⊙ (w2a @ w2b) (LoHa) or scale·W1 ⊗ W2 (LoKr)
+from them (`lokr_edu.lowrank`). Two formats, each a flat {key: tensor} safetensors file:
 
-- "kohya" (what A1111, ComfyUI, kohya sd-scripts and lycoris-lora read), one group of keys per
+- "kohya": what A1111, ComfyUI, kohya sd-scripts and lycoris-lora read. One group of keys per
   adapted layer, `<layer key>.<tensor>`:
-      layer key  lora_unet_<path> (U-Net), lora_te_<path> (text encoder, transformers-4 path with
-                 `text_model.`), lycoris_<path> (any other model); "." in the path becomes "_"
-      tensors    LoRA  lora_down.weight, lora_up.weight, alpha
-                 LoHa  hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, alpha
-                 LoKr  lokr_w1 | lokr_w1_a + lokr_w1_b, lokr_w2 | lokr_w2_a + lokr_w2_b, alpha
-- "peft" (what diffusers' `pipe.load_lora_weights` reads; LoRA only):
-      <component>.<path>.lora_A.weight (= down), <component>.<path>.lora_B.weight (= up), with
-      r and lora_alpha in the metadata entry "lora_adapter_metadata" (JSON), as diffusers writes.
+      layer key  lora_unet_<path> (U-Net), lora_te_<path> (text encoder), lycoris_<path> (any
+                 other model: lycoris-lora's prefix for a generic module), "." -> "_" in <path>.
+                 Text-encoder paths are written as SD1.5 files spell them, with `text_model.`
+                 (transformers 4); loading accepts them with or without it (transformers 5).
+      tensors    LoRA  lora_down.weight (r, n[, kh, kw]), lora_up.weight (m, r[, 1, 1]), alpha
+                 LoHa  hada_w1_a (m, r), hada_w1_b (r, n·kh·kw), hada_w2_a, hada_w2_b, alpha
+                 LoKr  lokr_w1 (a, b) | lokr_w1_a (a, r) + lokr_w1_b (r, b),
+                       lokr_w2 (c, d[, kh, kw]) | lokr_w2_a (c, r) + lokr_w2_b (r, d·kh·kw), alpha
+      alpha is a 0-d tensor; a stored alpha of 0 (or none) means α = r. When both LoKr factors
+      are full there is no rank, and the scale is 1 whatever alpha says (LyCORIS's rule).
+- "peft": what diffusers' `pipe.load_lora_weights` and peft read; LoRA only.
+      <component>.<path>.lora_A.weight (= lora_down), <component>.<path>.lora_B.weight (= lora_up)
+      for a pipeline (component "unet" / "text_encoder"); base_model.model.<path>.lora_A.weight
+      for a plain module (peft's own spelling). r and α are not in the tensors: diffusers keeps
+      LoraConfig's arguments in the metadata entry "lora_adapter_metadata", JSON with keys
+      "<component>.r", "<component>.lora_alpha", "<component>.alpha_pattern", ... (unprefixed
+      for a plain module). Files written by peft's `save_pretrained` keep them in the
+      adapter_config.json beside the file instead; without either, α = r (diffusers' rule).
+
+Both formats record "lokr_edu.method", "lokr_edu.rank", "lokr_edu.alpha", "lokr_edu.targets" and
+"lokr_edu.base_model" in the safetensors metadata (strings; rank, alpha and targets as JSON).
 
 `target` is an nn.Module or a diffusers pipeline (its `unet` and `text_encoder`). Files are
 written atomically. Pickle files (.pt, .bin, .ckpt, ...) are refused: unpickling runs code.
@@ -24,9 +39,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,17 +54,46 @@ from torch import Tensor, nn
 from lokr_edu.adapters import WRAPPABLE, Adapter, AdapterLayer, adapter_layers
 from lokr_edu.sd15 import kohya_key
 
-__all__ = ["FORMATS", "save_adapter", "load_adapter", "read_safetensors"]
+__all__ = ["FORMATS", "GENERIC_PREFIX", "load_adapter", "read_safetensors", "save_adapter"]
 
 FORMATS = ("kohya", "peft")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the LoraConfig it stores
-GENERIC_PREFIX = "lycoris"  # the prefix lycoris-lora gives layers of a model that is not SD
+PEFT_CONFIG_FILE = "adapter_config.json"  # where peft's save_pretrained puts r and lora_alpha
+PEFT_MODEL_PREFIX = "base_model.model."  # peft's prefix for the keys of a plain module
+GENERIC_PREFIX = "lycoris"  # lycoris-lora's LycorisNetwork.LORA_PREFIX for a generic module
+COMPONENTS = ("unet", "text_encoder")
+
+# The tensors of one layer that lokr_edu reads, per method; anything else in a group is refused.
+METHOD_TENSORS = {
+    "lora": ("lora_down.weight", "lora_up.weight"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+}
+# Tensors that other LyCORIS variants store, and what they are, for the refusal message.
+UNSUPPORTED_TENSORS = {
+    "lora_mid.weight": "a Tucker (use_tucker) LoCon core",
+    "hada_t1": "a Tucker (use_tucker) LoHa core",
+    "hada_t2": "a Tucker (use_tucker) LoHa core",
+    "lokr_t2": "a Tucker (use_tucker) LoKr core",
+    "dora_scale": "DoRA's weight decomposition (dora_wd)",
+    "scalar": "a trained output scalar (use_scalar)",
+    "diff": "a full ΔW (algo 'full')",
+    "diff_b": "a full bias update (algo 'full')",
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # what a target is made of
 # ---------------------------------------------------------------------------------------------
+
+
+class Layer(NamedTuple):
+    """One nn.Linear / nn.Conv2d (or AdapterLayer around one) that a file can adapt."""
+
+    component: str | None  # "unet" / "text_encoder" for SD parts, None for a plain module
+    name: str  # dotted module name inside its component
+    module: nn.Module
 
 
 def _components(target: object) -> list[tuple[str | None, nn.Module]]:
@@ -61,7 +108,7 @@ def _components(target: object) -> list[tuple[str | None, nn.Module]]:
         if kind == "CLIPTextModel":
             return [("text_encoder", target)]
         return [(None, target)]
-    parts = [(c, getattr(target, c, None)) for c in ("unet", "text_encoder")]
+    parts = [(c, getattr(target, c, None)) for c in COMPONENTS]
     parts = [(c, m) for c, m in parts if isinstance(m, nn.Module)]
     if not parts:
         raise ValueError(
@@ -71,30 +118,63 @@ def _components(target: object) -> list[tuple[str | None, nn.Module]]:
     return parts
 
 
-def _layer_key(component: str | None, name: str, prefix: str, text_model: bool = True) -> str:
-    if component is None:
-        return f"{prefix}_{name}".replace(".", "_")
-    if component == "text_encoder" and not text_model:
-        return f"lora_te_{name}".replace(".", "_")  # the module's own path, as LyCORIS 4 writes
-    return kohya_key(name, component)
-
-
-def _layers(target: object, prefix: str) -> dict[str, tuple[str | None, str, nn.Module]]:
-    """kohya layer key -> (component, module name, module) for every layer that can be adapted.
-
-    Text-encoder layers are listed under both spellings: with `text_model_` (SD1.5 files) and
-    without it (what lycoris-lora writes for a transformers-5 CLIPTextModel).
-    """
-    found: dict[str, tuple[str | None, str, nn.Module]] = {}
+def _adaptable(target: object) -> Iterator[Layer]:
+    """Every Linear / Conv2d of the target that is not inside an AdapterLayer, and every
+    AdapterLayer, in module order."""
     for component, model in _components(target):
+        wrapped: list[str] = []  # names of AdapterLayers: their `base` is not listed again
         for name, module in model.named_modules():
-            if name.endswith(".base") and isinstance(model.get_submodule(name[:-5]), AdapterLayer):
+            if any(name.startswith(w + ".") for w in wrapped):
                 continue
+            if isinstance(module, AdapterLayer):
+                wrapped.append(name)
             if isinstance(module, (*WRAPPABLE, AdapterLayer)):
-                found[_layer_key(component, name, prefix)] = (component, name, module)
-                if component == "text_encoder":
-                    found[f"lora_te_{name}".replace(".", "_")] = (component, name, module)
-    return found
+                yield Layer(component, name, module)
+
+
+def _kohya_prefix(layer: Layer, prefix: str, text_model: bool = True) -> str:
+    """The kohya layer key: lora_unet_..., lora_te_text_model_... (or lora_te_... when
+    text_model is False: the module's own transformers-5 path), or <prefix>_... ."""
+    if layer.component is None:
+        return f"{prefix}_{layer.name}".replace(".", "_")
+    if layer.component == "text_encoder" and not text_model:
+        return f"lora_te_{layer.name}".replace(".", "_")
+    return kohya_key(layer.name, layer.component)
+
+
+def _peft_path(layer: Layer) -> str:
+    """The peft / diffusers key of a layer, without ".lora_A.weight"."""
+    if layer.component is None:
+        return PEFT_MODEL_PREFIX + layer.name
+    return f"{layer.component}.{layer.name}"
+
+
+def _layer_index(target: object, format: str, prefix: str) -> dict[str, Layer]:
+    """File layer key -> layer, for every spelling a loader accepts: text-encoder layers with
+    and without `text_model.`, plain-module peft keys with and without `base_model.model.`,
+    and the bare module path when the target is a U-Net or text encoder on its own."""
+    index: dict[str, Layer] = {}
+    alone = isinstance(target, nn.Module)
+    for layer in _adaptable(target):
+        if format == "kohya":
+            index[_kohya_prefix(layer, prefix, text_model=True)] = layer
+            index[_kohya_prefix(layer, prefix, text_model=False)] = layer
+            continue
+        path = _peft_path(layer)
+        index[path] = layer
+        if alone:
+            index[layer.name] = layer
+        if layer.component == "text_encoder" and not layer.name.startswith("text_model."):
+            index[f"text_encoder.text_model.{layer.name}"] = layer
+    return index
+
+
+def _label(layer: Layer, target: object) -> str:
+    """How results and metadata name a layer: its module path, after "unet." or
+    "text_encoder." when the target is a pipeline."""
+    if layer.component is None or isinstance(target, nn.Module):
+        return layer.name
+    return f"{layer.component}.{layer.name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,21 +182,37 @@ def _layers(target: object, prefix: str) -> dict[str, tuple[str | None, str, nn.
 # ---------------------------------------------------------------------------------------------
 
 
+def _pickle_refusal(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"{path.name} is {why}: loading a pickle can run any code it contains, so lokr_edu never "
+        "opens one. Ask for a .safetensors version, or convert it yourself with a tool you trust."
+    )
+
+
 def read_safetensors(path: Path | str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors file; pickle files are refused, unread."""
+    """(tensors, metadata) of a .safetensors file. Pickle files are refused unread: by their
+    suffix (.pt, .pth, .bin, .ckpt, .pkl, .pickle) or, whatever the name, when safetensors
+    cannot parse the header and the first bytes are a pickle's (0x80) or a zip archive's
+    ("PK\\x03\\x04", what torch.save writes around a pickle); any other file safetensors
+    cannot parse is refused too. safetensors itself only parses a JSON header and copies
+    bytes: nothing in the file is ever run. Defined in chapter 04."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"{path.name} is a pickle file ({path.suffix}): loading a pickle can run any code "
-            "it contains, so lokr_edu never opens one. Ask for a .safetensors version, or "
-            "convert it yourself with a tool you trust."
-        )
+        raise _pickle_refusal(path, f"a pickle file ({path.suffix})")
     if not path.exists():
         raise ValueError(f"path: {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"path: {path} is not a file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as error:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"\x80"):
+            raise _pickle_refusal(path, "a pickle (its first byte is 0x80)") from None
+        if head == b"PK\x03\x04":
+            raise _pickle_refusal(path, "a zip archive, as torch.save writes a pickle") from None
         raise ValueError(f"{path.name} is not a safetensors file ({error}); refusing it") from error
     return load_file(str(path)), metadata
 
@@ -125,16 +221,21 @@ def _write_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a crash at any point leaves either the old file or the new one, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        save_file(tensors, temporary, metadata=metadata)
+        save_file(tensors, str(temporary), metadata=metadata)
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +244,7 @@ def _write_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str
 
 
 def _file_name(parameter: str) -> str:
+    """Adapter attribute -> tensor name in a file: lora_down -> lora_down.weight."""
     return f"{parameter}.weight" if parameter in ("lora_down", "lora_up") else parameter
 
 
@@ -159,11 +261,15 @@ def save_adapter(
 ) -> Path:
     """Save the adapter called `name` of every wrapped layer of `target` to a .safetensors file.
 
-    format "kohya" (LoRA, LoHa, LoKr) or "peft" (LoRA only). dtype converts the tensors (e.g.
-    torch.float16, as most shared files are); base_model is recorded in the metadata.
-    text_model_keys: text-encoder keys as SD1.5 files spell them (`lora_te_text_model_...`, what
-    A1111 and ComfyUI read); False writes the module's own transformers-5 path, which is what
-    lycoris-lora 4 matches when it loads a file into a transformers-5 CLIPTextModel.
+    format "kohya" (LoRA, LoHa, LoKr) or "peft" (LoRA only); the module docstring gives both
+    layouts. prefix names the layers of a plain module in the kohya format ("lycoris", as
+    lycoris-lora does). dtype converts the tensors (e.g. torch.float16, as most shared files
+    are); base_model is recorded in the metadata (default: the class names of the target's
+    parts). text_model_keys: kohya text-encoder keys as SD1.5 files spell them
+    (`lora_te_text_model_...`, what A1111 and ComfyUI read); False writes the module's own
+    transformers-5 path, which is what lycoris-lora 4 matches on a transformers-5 CLIPTextModel.
+    The strength η is a setting of the loaded model, not of the file, and is not saved.
+    Returns the path. Defined in chapter 04.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -171,17 +277,17 @@ def save_adapter(
     if path.suffix != ".safetensors":
         raise ValueError(f"path must end in .safetensors, got {path.name}")
     adapters = [
-        (component, module_name, layer.adapters[name])
-        for component, model in _components(target)
-        for module_name, layer in adapter_layers(model)
-        if name in layer.adapters
+        (layer, layer.module.adapters[name])
+        for layer in _adaptable(target)
+        if isinstance(layer.module, AdapterLayer) and name in layer.module.adapters
     ]
     if not adapters:
         raise ValueError(f"name: target has no adapter called {name!r}")
-    methods = sorted({a.method for _, _, a in adapters})
+    methods = sorted({a.method for _, a in adapters})
     if format == "peft" and methods != ["lora"]:
         raise ValueError(
-            f"format 'peft' holds LoRA only; this adapter is {methods}: use format='kohya'"
+            f"format 'peft' holds LoRA only; this adapter is {methods}: use format='kohya' "
+            "(diffusers cannot load LoHa / LoKr files for SD1.5; lokr_edu.load_adapter can)"
         )
 
     def cast(t: Tensor) -> Tensor:
@@ -189,47 +295,53 @@ def save_adapter(
         return t.to(dtype) if dtype is not None else t
 
     tensors: dict[str, Tensor] = {}
-    for component, module_name, adapter in adapters:
+    for layer, adapter in adapters:
         if format == "kohya":
-            key = _layer_key(component, module_name, prefix, text_model_keys)
+            key = _kohya_prefix(layer, prefix, text_model_keys)
             for parameter, value in adapter.named_parameters():
                 tensors[f"{key}.{_file_name(parameter)}"] = cast(value)
             tensors[f"{key}.alpha"] = cast(adapter.alpha)
         else:
-            key = module_name if component is None else f"{component}.{module_name}"
+            key = _peft_path(layer)
             tensors[f"{key}.lora_A.weight"] = cast(adapter.lora_down)
             tensors[f"{key}.lora_B.weight"] = cast(adapter.lora_up)
 
-    ranks = Counter(a.rank for _, _, a in adapters)
-    alphas = Counter(a.alpha.item() for _, _, a in adapters)
+    ranks = Counter(a.rank for _, a in adapters)
+    alphas = Counter(a.alpha.item() for _, a in adapters)
+    targets = [_label(layer, target) for layer, _ in adapters]
     metadata = {
         "lokr_edu.format": format,
         "lokr_edu.method": ",".join(methods),
         "lokr_edu.rank": json.dumps(sorted(ranks)),
         "lokr_edu.alpha": json.dumps(sorted(alphas)),
-        "lokr_edu.targets": json.dumps([m for _, m, _ in adapters]),
+        "lokr_edu.targets": json.dumps(targets),
         "lokr_edu.base_model": base_model
         or ",".join(type(m).__name__ for _, m in _components(target)),
     }
     if format == "peft":
-        metadata[METADATA_KEY] = json.dumps(_lora_config(adapters), sort_keys=True)
+        metadata["format"] = "pt"  # what diffusers and transformers write
+        metadata[METADATA_KEY] = json.dumps(_lora_config(adapters), indent=2, sort_keys=True)
     _write_atomically(tensors, path, metadata)
     return path
 
 
-def _lora_config(adapters: list[tuple[str | None, str, Adapter]]) -> dict[str, object]:
-    """diffusers' metadata: LoraConfig arguments per component, keys "<component>.<argument>"."""
+def _lora_config(adapters: list[tuple[Layer, Adapter]]) -> dict[str, object]:
+    """diffusers' metadata: LoraConfig arguments per component, keys "<component>.<argument>".
+
+    r and lora_alpha are the most common rank and α; layers that differ are listed by name in
+    rank_pattern / alpha_pattern (peft matches a pattern against the end of a module name).
+    """
     config: dict[str, object] = {}
-    for component in dict.fromkeys(c for c, _, _ in adapters):
-        own = [(m, a) for c, m, a in adapters if c == component]
+    for component in dict.fromkeys(layer.component for layer, _ in adapters):
+        own = [(layer.name, a) for layer, a in adapters if layer.component == component]
         rank = Counter(a.rank for _, a in own).most_common(1)[0][0]
         alpha = Counter(a.alpha.item() for _, a in own).most_common(1)[0][0]
         arguments = {
             "r": rank,
             "lora_alpha": alpha,
-            "target_modules": [m for m, _ in own],
-            "rank_pattern": {m: a.rank for m, a in own if a.rank != rank},
-            "alpha_pattern": {m: a.alpha.item() for m, a in own if a.alpha.item() != alpha},
+            "target_modules": [n for n, _ in own],
+            "rank_pattern": {n: a.rank for n, a in own if a.rank != rank},
+            "alpha_pattern": {n: a.alpha.item() for n, a in own if a.alpha.item() != alpha},
         }
         prefix = "" if component is None else f"{component}."
         config.update({f"{prefix}{k}": v for k, v in arguments.items()})
@@ -237,36 +349,118 @@ def _lora_config(adapters: list[tuple[str | None, str, Adapter]]) -> dict[str, o
 
 
 # ---------------------------------------------------------------------------------------------
-# loading
+# reading a file's groups: {layer key: {tensor name: tensor}}, with alpha filled in
 # ---------------------------------------------------------------------------------------------
 
 
-def _method(tensors: dict[str, Tensor]) -> str:
-    if "lora_down.weight" in tensors:
-        return "lora"
-    if any(k.startswith("hada_") for k in tensors):
-        return "loha"
-    if any(k.startswith("lokr_") for k in tensors):
-        return "lokr"
-    raise ValueError(f"tensors {sorted(tensors)} are none of LoRA, LoHa, LoKr")
+def _kohya_groups(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        layer_key, _, tensor_name = key.partition(".")
+        groups.setdefault(layer_key, {})[tensor_name] = value
+    return groups
 
 
-def _rank(method: str, tensors: dict[str, Tensor]) -> int:
-    if method == "lora":
-        return tensors["lora_down.weight"].shape[0]
-    if method == "loha":
-        return tensors["hada_w1_b"].shape[0]
-    for key in ("lokr_w1_a", "lokr_w2_a"):
-        if key in tensors:
-            return tensors[key].shape[1]
-    alpha = tensors.get("alpha")
-    return max(1, int(alpha.item())) if alpha is not None else 1  # both full: r is not used
+def _peft_config(path: Path, metadata: dict[str, str]) -> dict[str, object]:
+    """LoraConfig arguments: diffusers' metadata entry, else peft's adapter_config.json beside
+    the file, else none (α = r)."""
+    if METADATA_KEY in metadata:
+        return json.loads(metadata[METADATA_KEY])
+    sidecar = path.with_name(PEFT_CONFIG_FILE)
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    return {}
+
+
+def _peft_alpha(config: dict[str, object], path: str, rank: int) -> float:
+    """α of the layer at `path` (a peft key without .lora_A.weight), read as peft reads it:
+    the first alpha_pattern entry that matches the end of the module name, else lora_alpha,
+    else r."""
+    component, _, module = path.partition(".")
+    prefix = f"{component}." if any(k.startswith(f"{component}.") for k in config) else ""
+    module = module if prefix else path.removeprefix(PEFT_MODEL_PREFIX)
+    if config.get(f"{prefix}use_rslora") or config.get(f"{prefix}use_dora"):
+        raise ValueError(
+            "peft config: use_rslora / use_dora adapters are not plain LoRA; lokr_edu cannot "
+            "load them"
+        )
+    for pattern, alpha in dict(config.get(f"{prefix}alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    alpha = config.get(f"{prefix}lora_alpha")
+    return float(alpha) if alpha is not None else float(rank)
+
+
+def _peft_groups(
+    tensors: dict[str, Tensor], config: dict[str, object]
+) -> dict[str, dict[str, Tensor]]:
+    """peft / diffusers keys -> kohya-style groups, keyed by the peft path of the layer."""
+    names = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        path, _, tensor_name = key.rpartition(".lora_")
+        if f"lora_{tensor_name}" not in names:
+            raise ValueError(
+                f"key {key!r} is not a peft LoRA tensor (lora_A.weight / lora_B.weight); "
+                "lokr_edu reads plain LoRA only in the peft format"
+            )
+        groups.setdefault(path, {})[names[f"lora_{tensor_name}"]] = value
+    for path, group in groups.items():
+        if "lora_down.weight" in group:
+            rank = group["lora_down.weight"].shape[0]
+            group["alpha"] = torch.tensor(_peft_alpha(config, path, rank))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a group against a layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _method(layer_key: str, group: dict[str, Tensor]) -> str:
+    """LoRA, LoHa or LoKr, from the tensor names; anything lokr_edu cannot rebuild is refused."""
+    for tensor_name in group:
+        if tensor_name in UNSUPPORTED_TENSORS:
+            raise ValueError(
+                f"key {layer_key}.{tensor_name} is {UNSUPPORTED_TENSORS[tensor_name]}, which "
+                "lokr_edu does not implement; refusing the file"
+            )
+    found = [m for m, names in METHOD_TENSORS.items() if any(n in group for n in names)]
+    if len(found) != 1:
+        kind = "tensors of several methods" if found else "no LoRA / LoHa / LoKr tensor"
+        raise ValueError(f"key {layer_key}.*: layer {layer_key} has {kind}: {sorted(group)}")
+    for tensor_name in group:
+        if tensor_name not in (*METHOD_TENSORS[found[0]], "alpha"):
+            raise ValueError(f"key {layer_key}.{tensor_name} is not a {found[0]} tensor")
+    return found[0]
+
+
+# (tensor, axis that holds r), in the order r is read
+RANK_AXES = {
+    "lora": [("lora_down.weight", 0), ("lora_up.weight", 1)],
+    "loha": [("hada_w1_b", 0), ("hada_w1_a", 1), ("hada_w2_b", 0), ("hada_w2_a", 1)],
+    "lokr": [("lokr_w1_a", 1), ("lokr_w1_b", 0), ("lokr_w2_a", 1), ("lokr_w2_b", 0)],
+}
+
+
+def _rank(method: str, group: dict[str, Tensor]) -> int:
+    """r read off the shapes: the rank axis of the first low-rank factor present."""
+    for key, axis in RANK_AXES[method]:
+        if key in group and group[key].dim() > axis:
+            return group[key].shape[axis]
+    alpha = group.get("alpha")  # LoKr with both factors full: no rank; LyCORIS stores α = r
+    return max(1, int(alpha.item())) if alpha is not None and alpha.numel() == 1 else 1
 
 
 def _expected_shapes(
-    method: str, weight_shape: tuple[int, ...], tensors: dict[str, Tensor], rank: int
+    layer_key: str,
+    method: str,
+    weight_shape: tuple[int, ...],
+    group: dict[str, Tensor],
+    rank: int,
 ) -> dict[str, tuple[int, ...]]:
-    """The shape each stored tensor must have to adapt a layer whose weight is `weight_shape`."""
+    """The shape each stored tensor must have to adapt a layer whose weight is `weight_shape`,
+    in the layout the file chose (for LoKr: which factors are full, and W1's shape (a, b))."""
     m, n, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
     kk = 1
     for k in kernel:
@@ -283,57 +477,80 @@ def _expected_shapes(
             "hada_w2_a": (m, rank),
             "hada_w2_b": (rank, n * kk),
         }
-    w1 = tensors.get("lokr_w1")
-    a = w1.shape[0] if w1 is not None else tensors["lokr_w1_a"].shape[0]
-    b = w1.shape[1] if w1 is not None else tensors["lokr_w1_b"].shape[1]
-    c, d = (m // a if m % a == 0 else -1), (n // b if n % b == 0 else -1)
-    shapes: dict[str, tuple[int, ...]] = (
-        {"lokr_w1": (a, b)} if w1 is not None else {"lokr_w1_a": (a, rank), "lokr_w1_b": (rank, b)}
-    )
-    if "lokr_w2" in tensors:
+    shapes: dict[str, tuple[int, ...]] = {}
+    w1_key = "lokr_w1" if "lokr_w1" in group else "lokr_w1_a"
+    if "lokr_w1" in group and group["lokr_w1"].dim() == 2:
+        a, b = group["lokr_w1"].shape
+        shapes["lokr_w1"] = (a, b)
+    elif "lokr_w1" in group:  # the shape check below reports it
+        a, b = m, n
+        shapes["lokr_w1"] = (a, b)
+    else:
+        w1a, w1b = group.get("lokr_w1_a"), group.get("lokr_w1_b")
+        a = w1a.shape[0] if w1a is not None and w1a.dim() == 2 else m
+        b = w1b.shape[1] if w1b is not None and w1b.dim() == 2 else n
+        shapes |= {"lokr_w1_a": (a, rank), "lokr_w1_b": (rank, b)}
+    c, d = m // a, n // b  # W1 ⊗ W2 is (a·c, b·d): a must divide m and b divide n
+    if m % a or n % b:
+        raise ValueError(
+            f"key {layer_key}.{w1_key}: W1 is ({a}, {b}), which does not divide layer weight "
+            f"{weight_shape}: a = {a} must divide m = {m} and b = {b} must divide n = {n}"
+        )
+    if "lokr_w2" in group:
         shapes["lokr_w2"] = (c, d, *kernel)
     else:
         shapes |= {"lokr_w2_a": (c, rank), "lokr_w2_b": (rank, d * kk)}
     return shapes
 
 
-def _kohya_groups(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        layer_key, _, tensor_name = key.partition(".")
-        groups.setdefault(layer_key, {})[tensor_name] = value
-    return groups
-
-
-def _peft_groups(
-    tensors: dict[str, Tensor], metadata: dict[str, str]
-) -> dict[str, dict[str, Tensor]]:
-    """peft / diffusers keys -> the kohya-style groups load_adapter works with (keyed by the
-    module path, with the component as its first part)."""
-    config = json.loads(metadata.get(METADATA_KEY, "{}"))
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        path, _, tensor_name = key.removeprefix("base_model.model.").rpartition(".lora_")
-        names = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}
-        if tensor_name not in names:
-            raise ValueError(f"key {key!r} is not a peft LoRA tensor (lora_A / lora_B)")
-        groups.setdefault(path, {})[names[tensor_name]] = value
-    for path, group in groups.items():
-        component, _, module = path.partition(".")
-        prefix = f"{component}." if component in ("unet", "text_encoder") else ""
-        module = module if prefix else path
-        alpha = config.get(f"{prefix}alpha_pattern", {}).get(
-            module, config.get(f"{prefix}lora_alpha")
+def _plan(
+    layer_key: str, group: dict[str, Tensor], layer: Layer, name: str
+) -> tuple[Layer, Adapter]:
+    """A new Adapter holding the group's values, after checking every key and shape against
+    the layer (and against an adapter `name` it already has). Touches nothing in the model."""
+    module = layer.module
+    base = module.base if isinstance(module, AdapterLayer) else module
+    weight_shape = tuple(base.weight.shape)
+    method = _method(layer_key, group)
+    rank = _rank(method, group)
+    expected = _expected_shapes(layer_key, method, weight_shape, group, rank)
+    for key, shape in expected.items():
+        if key not in group:
+            raise ValueError(
+                f"key {layer_key}.{key} is missing: layer {layer.name} needs it with shape {shape}"
+            )
+    for key, shape in expected.items():
+        got = tuple(group[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"key {layer_key}.{key} has shape {got}, but layer {layer.name} with weight "
+                f"{weight_shape} needs {shape}"
+            )
+    if "alpha" in group and group["alpha"].numel() != 1:
+        raise ValueError(
+            f"key {layer_key}.alpha has shape {tuple(group['alpha'].shape)}, but alpha is one "
+            "number: it needs ()"
         )
-        group["alpha"] = torch.tensor(float(alpha or group["lora_down.weight"].shape[0]))
-    return groups
+    alpha = float(group["alpha"].item()) if "alpha" in group else None
+    adapter = Adapter(method, base, rank, alpha or None, shapes=expected)  # 0 or None: α = r
+    with torch.no_grad():
+        for parameter, value in adapter.named_parameters():
+            value.copy_(group[_file_name(parameter)].to(value.dtype))
+    if isinstance(module, AdapterLayer) and name in module.adapters:
+        existing = module.adapters[name]
+        has = {n: tuple(p.shape) for n, p in existing.named_parameters()}
+        wants = {n: tuple(p.shape) for n, p in adapter.named_parameters()}
+        if existing.method != method or has != wants:
+            raise ValueError(
+                f"name: layer {layer.name} already has an adapter {name!r} of another layout "
+                f"({existing.method}, {existing.keys}); load under another name"
+            )
+    return layer, adapter
 
 
-def _peft_layers(target: object) -> dict[str, tuple[str | None, str, nn.Module]]:
-    found = {}
-    for component, name, module in _layers(target, GENERIC_PREFIX).values():
-        found[name if component is None else f"{component}.{name}"] = (component, name, module)
-    return found
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
 
 
 def load_adapter(
@@ -341,72 +558,68 @@ def load_adapter(
 ) -> list[str]:
     """Load a kohya/LyCORIS or peft/diffusers .safetensors adapter into `target` as `name`.
 
-    Layers without adapters are wrapped (method, rank, α and layout read off the tensors);
-    a layer that already has an adapter called `name` of the same layout gets the file's values.
-    Every key and shape is checked before the model changes; returns the adapted module names.
+    The format is told by the keys (".lora_A." / ".lora_B." is peft). A layer without adapters
+    is wrapped in an AdapterLayer with an adapter of the file's kind: lora_down -> LoRA, hada_
+    -> LoHa, lokr_ -> LoKr, with r, α and the layout (which LoKr factors are full, the factor
+    split (a, b)) read off the shapes; a stored alpha of 0 means α = r. A layer that already
+    has an adapter called `name` of the same layout gets the file's values (a merged one is
+    unmerged, refilled and merged again). prefix: the kohya prefix of a plain module's layers.
+
+    Every key and shape is checked before the model changes: a pickle, a file that is not
+    safetensors, a key that names no layer, a tensor of the wrong shape (the error gives the
+    first offending key and both shapes), a tensor lokr_edu does not implement (Tucker, DoRA)
+    or an adapter `name` of another layout raises ValueError and leaves the model as it was.
+    As after `inject`, only adapter parameters are trainable afterwards.
+    Returns the names of the adapted modules ("unet.<path>" / "text_encoder.<path>" for a
+    pipeline). Defined in chapter 04.
     """
+    path = Path(path)
     tensors, metadata = read_safetensors(path)
     is_peft = any(".lora_A." in k or ".lora_B." in k for k in tensors)
-    groups = _peft_groups(tensors, metadata) if is_peft else _kohya_groups(tensors)
-    layers = _peft_layers(target) if is_peft else _layers(target, prefix)
+    if is_peft:
+        groups = _peft_groups(tensors, _peft_config(path, metadata))
+        index = _layer_index(target, "peft", prefix)
+    else:
+        groups = _kohya_groups(tensors)
+        index = _layer_index(target, "kohya", prefix)
 
-    planned: list[tuple[nn.Module, str, str | None, Adapter]] = []
+    if not groups:
+        raise ValueError(f"{path.name} holds no tensors: there is no adapter to load")
+    planned: list[tuple[Layer, Adapter]] = []
+    claimed: dict[int, str] = {}  # id(module) -> the layer key that adapts it
     for layer_key, group in groups.items():
-        first_key = f"{layer_key}.{next(iter(group))}"
-        if layer_key not in layers:
+        if layer_key not in index:
+            first_key = f"{layer_key}.{next(iter(group))}"
             raise ValueError(f"key {first_key!r} names no nn.Linear / nn.Conv2d of the target")
-        component, module_name, module = layers[layer_key]
-        base = module.base if isinstance(module, AdapterLayer) else module
-        method = _method(group)
-        rank = _rank(method, group)
-        expected = _expected_shapes(method, tuple(base.weight.shape), group, rank)
-        for key, shape in expected.items():
-            got = tuple(group[key].shape) if key in group else None
-            if got != shape:
-                raise ValueError(
-                    f"key {layer_key}.{key} has shape {got}, but layer {module_name} with weight "
-                    f"{tuple(base.weight.shape)} needs {shape}"
-                )
-        alpha = float(group["alpha"].item()) if "alpha" in group else None
-        adapter = Adapter(method, base, rank, alpha or None, shapes=expected)
-        existing = (
-            module.adapters[name]
-            if isinstance(module, AdapterLayer) and name in module.adapters
-            else None
-        )
-        if existing is not None and existing.keys != adapter.keys:
+        layer = index[layer_key]
+        if id(layer.module) in claimed:
             raise ValueError(
-                f"name: layer {module_name} already has an adapter {name!r} of another layout "
-                f"({existing.method}, {existing.keys}); load under another name"
+                f"keys {claimed[id(layer.module)]}.* and {layer_key}.* both adapt layer "
+                f"{layer.name}; a file holds one adapter per layer"
             )
-        with torch.no_grad():
-            for parameter, value in adapter.named_parameters():
-                value.copy_(group[_file_name(parameter)].to(value.dtype))
-        planned.append((module, module_name, component, adapter))
+        claimed[id(layer.module)] = layer_key
+        planned.append(_plan(layer_key, group, layer, name))
 
     # everything fits: now change the model
     models = dict(_components(target))
-    for module, module_name, component, adapter in planned:
+    for layer, adapter in planned:
+        module = layer.module
         if isinstance(module, AdapterLayer) and name in module.adapters:
-            with torch.no_grad():
-                for (_, old), (_, new) in zip(
-                    module.adapters[name].named_parameters(),
-                    adapter.named_parameters(),
-                    strict=True,
-                ):
-                    old.copy_(new)
-                module.adapters[name].alpha.copy_(adapter.alpha)
+            was_merged = name in module.merged
+            module.unmerge(name)
+            module.adapters[name].load_state_dict(adapter.state_dict())
+            if was_merged:
+                module.merge(name)
             continue
         if not isinstance(module, AdapterLayer):
-            model = models[component]
-            layer = AdapterLayer(module)
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer)
-            module = layer
+            wrapper = AdapterLayer(module)
+            parent, _, child = layer.name.rpartition(".")
+            setattr(models[layer.component].get_submodule(parent), child, wrapper)
+            module = wrapper
         module.add(name, adapter)
-    for _, model in _components(target):
+    for model in models.values():
         for p in model.parameters():
             p.requires_grad_(False)
-        for _, layer in adapter_layers(model):
-            layer.adapters.requires_grad_(True)
-    return [module_name for _, module_name, _, _ in planned]
+        for _, wrapper in adapter_layers(model):
+            wrapper.adapters.requires_grad_(True)
+    return [_label(layer, target) for layer, _ in planned]
