@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lokr_edu.adapters import adapter_layers, inject
-from lokr_edu.io import _write_atomically
+from lokr_edu.io import write_safetensors_atomically
 
 __all__ = [
     "TrainConfig",
@@ -158,7 +158,7 @@ def save_checkpoint(path: Path, unet: nn.Module, optimizer, config: TrainConfig,
         "config": config.key(),
         "param_groups": json.dumps(state["param_groups"]),
     }
-    _write_atomically(tensors, Path(path), metadata)
+    write_safetensors_atomically(tensors, Path(path), metadata)
 
 
 def load_checkpoint(path: Path, unet: nn.Module, optimizer, config: TrainConfig) -> int:

@@ -54,7 +54,14 @@ from torch import Tensor, nn
 from lokr_edu.adapters import WRAPPABLE, Adapter, AdapterLayer, adapter_layers
 from lokr_edu.sd15 import kohya_key
 
-__all__ = ["FORMATS", "GENERIC_PREFIX", "load_adapter", "read_safetensors", "save_adapter"]
+__all__ = [
+    "FORMATS",
+    "GENERIC_PREFIX",
+    "load_adapter",
+    "read_safetensors",
+    "save_adapter",
+    "write_safetensors_atomically",
+]
 
 FORMATS = ("kohya", "peft")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -217,7 +224,9 @@ def read_safetensors(path: Path | str) -> tuple[dict[str, Tensor], dict[str, str
     return load_file(str(path)), metadata
 
 
-def _write_atomically(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+def write_safetensors_atomically(
+    tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
+) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a crash at any point leaves either the old file or the new one, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +330,7 @@ def save_adapter(
     if format == "peft":
         metadata["format"] = "pt"  # what diffusers and transformers write
         metadata[METADATA_KEY] = json.dumps(_lora_config(adapters), indent=2, sort_keys=True)
-    _write_atomically(tensors, path, metadata)
+    write_safetensors_atomically(tensors, path, metadata)
     return path
 
 
