@@ -1,30 +1,39 @@
 """LoKr training-step time and memory: lokr_edu against peft and lycoris-lora, in one run.
 
-    python benchmarks/bench_lokr.py            # full table (a few minutes on 2 cores)
-    python benchmarks/bench_lokr.py --smoke    # one small shape, one step (used by the tests)
+    python benchmarks/bench_lokr.py            # the full table; writes benchmarks/results/
+    python benchmarks/bench_lokr.py --smoke    # one small shape, one step, nothing written
 
-For each SD1.5 layer shape and token count, one training step (forward, backward with the input
-requiring grad as inside a network, Adam step) of a single adapted nn.Linear, for:
+For each SD1.5 layer shape and token count (batch 2), one training step of a single adapted
+nn.Linear: forward, backward with the input requiring grad (as inside a network), Adam step. The
+variants, all at rank 8, α = 8, LyCORIS's default layout (factor = -1, W1 full, W2 low-rank unless
+r ≥ max(c, d)/2) and the same factor values:
 
-    base               the frozen layer alone (the floor every adapter adds to)
-    lokr_edu reshape   LoKr applied as W1·X·W2ᵀ, never building W1 ⊗ W2 (lokr_edu.kron_apply)
-    lokr_edu material. lokr_edu's LoKr forced to build ΔW = W1 ⊗ W2 first
-    peft               peft's LoKr (rebuilds ΔW with torch.kron at every forward)
-    lycoris            lycoris-lora's LoKr, default mode (rebuilds ΔW)
-    lycoris bypass     lycoris-lora's LoKr with bypass_mode=True (its own reshape path)
-    lora r=8           lokr_edu's LoRA at rank 8, for scale
+    base                  the frozen layer alone (every adapter adds to this floor)
+    lokr_edu reshape      LoKr applied as W1·X·W2ᵀ, never building W1 ⊗ W2 (lokr_edu.kron_apply)
+    lokr_edu materialize  lokr_edu's LoKr forced to build ΔW = W1 ⊗ W2 and multiply by it
+    lokr_edu auto         lokr_edu's default: the cost model picks one of the two
+    peft                  peft's LoKr (rebuilds ΔW with torch.kron at every forward)
+    lycoris               lycoris-lora's LoKr, default mode (rebuilds ΔW at every forward)
+    lycoris bypass        lycoris-lora's LoKr with bypass_mode=True (applies W1·X·W2ᵀ)
+    lora r=8              lokr_edu's LoRA at rank 8, for scale
 
-All LoKr variants use rank 8, α = 8, LyCORIS's default layout, and the same factor values.
-Time: median of 5 timed steps after 1 warm-up, torch.set_num_threads(2). Memory: the bytes
-autograd keeps for the backward pass (tensors saved during the forward, counted once per
-storage) beyond those the base layer keeps: the activation memory an adapter adds per layer.
-Results: benchmarks/results/lokr_cpu.md and lokr_cpu.png.
+Time: torch.set_num_threads(2); per shape and token count, one warm-up step of every variant,
+then 5 rounds in which every variant takes one step (the order rotates between rounds, so load
+from elsewhere on the machine hits all variants alike); the median of the 5 is reported.
+Memory: the warm-up step runs under torch.profiler(profile_memory=True), which records every
+allocation and free of torch's CPU allocator during the step; the peak of the running sum is
+the step's peak memory above what was allocated when it started (input, weights, optimizer
+state; frees of blocks allocated before the step are not recorded, alike for every variant).
+"Extra MiB" is that peak minus the base layer's: what the adapter adds at its worst moment,
+transients included. Results: benchmarks/results/lokr_cpu.md and lokr_cpu.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -36,28 +45,32 @@ from torch import nn
 
 from lokr_edu.adapters import inject
 from lokr_edu.kron_apply import choose_mode
-from lokr_edu.lowrank import lokr_factors
+from lokr_edu.lowrank import adapter_shapes, lokr_factors
 
 RESULTS = Path(__file__).parent / "results"
-SHAPES = [
-    (320, 320),
-    (640, 640),
-    (1280, 1280),
-    (3072, 768),
-    (768, 3072),
-    (10240, 1280),
-]  # (out, in)
+# (out, in): SD1.5's attention projections at its three widths, the CLIP text encoder's MLP
+# (768 -> 3072 and 3072 -> 768) and the UNet's GEGLU projection (1280 -> 10240).
+SHAPES = [(320, 320), (640, 640), (1280, 1280), (3072, 768), (768, 3072), (10240, 1280)]
 TOKENS = [77, 1024, 4096]
-BATCH, RANK = 2, 8
+BATCH, RANK, THREADS = 2, 8, 2
+STEPS = 5
 VARIANTS = [
     "base",
     "lokr_edu reshape",
     "lokr_edu materialize",
+    "lokr_edu auto",
     "peft",
     "lycoris",
     "lycoris bypass",
     "lora r=8",
 ]
+REFERENCES = ["peft", "lycoris", "lycoris bypass"]
+LOG: list[str] = []  # every line printed, for results/lokr_cpu_run.log
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+    LOG.append(line)
 
 
 class WithNetwork(nn.Module):
@@ -72,19 +85,12 @@ class WithNetwork(nn.Module):
         return self.model(x)
 
 
-def _base(out_features: int, in_features: int) -> nn.Sequential:
+def build(variant: str, out_features: int, in_features: int) -> nn.Module:
+    """One adapted nn.Linear (inside an nn.Sequential, as module "0"); the base is seeded."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(in_features, out_features))
-
-
-def build(
-    variant: str, out_features: int, in_features: int, reference: nn.Module | None
-) -> nn.Module:
-    """One adapted layer; LoKr factors copied from `reference` (lokr_edu's) so all agree."""
-    model = _base(out_features, in_features)
+    model: nn.Module = nn.Sequential(nn.Linear(in_features, out_features))
     if variant == "base":
-        model.requires_grad_(False)
-        return model
+        return model.requires_grad_(False)
     if variant.startswith("lokr_edu"):
         mode = variant.split()[1]
         inject(model, "0", "lokr", rank=RANK, alpha=RANK, lokr_mode=mode)
@@ -110,82 +116,128 @@ def build(
         model.requires_grad_(False)
         network.requires_grad_(True)
         model = WithNetwork(model, network)
-    if reference is not None:
-        _copy_factors(reference, model)
     return model
 
 
-def _copy_factors(reference: nn.Module, model: nn.Module) -> None:
-    values = {n.rsplit(".", 1)[-1]: p for n, p in reference.named_parameters() if "lokr_" in n}
+def lokr_values(out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+    """Non-zero LoKr factors in LyCORIS's layout, to copy into every implementation."""
+    shapes = adapter_shapes("lokr", out_features, in_features, RANK)
+    generator = torch.Generator().manual_seed(1)
+    return {
+        key: torch.randn(shape, generator=generator) * 0.02
+        for key, shape in shapes.items()
+        if key != "alpha"
+    }
+
+
+def copy_factors(values: dict[str, torch.Tensor], model: nn.Module) -> int:
+    """Copy lokr_w1 / lokr_w2_a / ... into `model`'s parameters of those names; how many."""
+    copied = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             key = name.replace(".default", "").rsplit(".", 1)[-1]
-            if key in values and p.shape == values[key].shape:
+            if key in values:
+                if p.shape != values[key].shape:
+                    raise ValueError(f"{name} is {tuple(p.shape)}, expected {values[key].shape}")
                 p.copy_(values[key])
+                copied += 1
+    return copied
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves during one forward (each storage counted once)."""
-    storages: dict[int, int] = {}
+def check_same_delta(models: dict[str, nn.Module], in_features: int) -> None:
+    """All LoKr variants must compute the same ΔW·x (fp32, relative error ≤ 1e-4)."""
+    x = torch.randn(1, 3, in_features)
+    with torch.no_grad():
+        base = models["base"](x) if "base" in models else None
+        outputs = {
+            v: m(x) for v, m in models.items() if "lokr" in v or v.startswith(("peft", "ly"))
+        }
+    if base is None or not outputs:
+        return
+    reference_name = next(iter(outputs))
+    reference = outputs[reference_name] - base
+    for v, y in outputs.items():
+        error = ((y - base - reference).norm() / reference.norm()).item()
+        if error > 1e-4:
+            raise RuntimeError(f"{v} computes a different ΔW·x than {reference_name}: {error:.1e}")
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum()
-    return sum(storages.values())
+class Runner:
+    """One model, its input and its Adam optimizer; `step()` is one training step."""
 
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.model, self.x = model, x
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(parameters, lr=1e-4) if parameters else None
 
-def step_seconds(model: nn.Module, x: torch.Tensor, steps: int, warmup: int) -> float:
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=1e-4) if parameters else None
-    times = []
-    for i in range(warmup + steps):
+    def step(self) -> None:
+        self.x.grad = None
+        self.model(self.x).sum().backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> float:
         start = time.perf_counter()
-        x.grad = None
-        model(x).sum().backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        self.step()
+        return time.perf_counter() - start
+
+    def profiled_step(self) -> int:
+        """Run one step under the memory profiler; its peak bytes above the start."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            self.step()
+        events = prof.profiler.kineto_results.events()
+        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        return max(itertools.accumulate((n for _, n in changes), initial=0))
 
 
-def run(shapes, tokens, steps: int = 5, warmup: int = 1, variants=VARIANTS) -> list[dict]:
+def variant_label(out_features: int, in_features: int) -> str:
+    (a, b), (c, d) = lokr_factors(out_features, in_features)
+    w2 = "full" if RANK >= max(c, d) / 2 else "low-rank"
+    return f"W1 {a}×{b} full, W2 {c}×{d} {w2}"
+
+
+def run(shapes=SHAPES, tokens=TOKENS, steps: int = STEPS, variants=VARIANTS) -> list[dict]:
+    """Time and measure every variant at every (shape, token count); one row per measurement."""
     rows = []
     for out_features, in_features in shapes:
-        reference = build("lokr_edu reshape", out_features, in_features, None)
-        with torch.no_grad():
-            for p in reference.parameters():
-                if p.requires_grad:
-                    p.normal_(std=0.02)
+        values = lokr_values(out_features, in_features)
+        models = {}
+        for variant in variants:
+            models[variant] = build(variant, out_features, in_features)
+            if variant.startswith(("lokr", "peft", "lycoris")):
+                copied = copy_factors(values, models[variant])
+                if copied != len(values):
+                    raise RuntimeError(f"{variant}: copied {copied} of {sorted(values)}")
+        check_same_delta(models, in_features)
         (a, b), (c, d) = lokr_factors(out_features, in_features)
-        w2 = "full" if RANK >= max(c, d) / 2 else "low-rank"
         for n_tokens in tokens:
             x = torch.randn(BATCH, n_tokens, in_features, requires_grad=True)
-            base_bytes = None
-            for variant in variants:
-                model = build(variant, out_features, in_features, reference)
-                seconds = step_seconds(model, x, steps, warmup)
-                memory = saved_bytes(model, x)
-                base_bytes = memory if variant == "base" else base_bytes
+            runners = {v: Runner(models[v], x) for v in variants}
+            peak = {v: runners[v].profiled_step() for v in variants}  # also the warm-up
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for round_ in range(steps):
+                shift = round_ % len(variants)
+                for v in variants[shift:] + variants[:shift]:
+                    times[v].append(runners[v].timed_step())
+            rank = RANK if "lokr_w2_a" in values else None  # what lokr_apply passes to it
+            pick = choose_mode(a, b, c, d, BATCH * n_tokens, backward=True, rank=rank)
+            for v in variants:
                 rows.append(
                     {
                         "shape": f"{out_features}×{in_features}",
                         "tokens": n_tokens,
-                        "variant": variant,
-                        "seconds": seconds,
-                        "extra_mib": (memory - base_bytes) / 2**20,
-                        "layout": f"W1 {a}×{b} full, W2 {c}×{d} {w2}",
-                        "auto": choose_mode(a, b, c, d, BATCH * n_tokens),
+                        "variant": v,
+                        "seconds": statistics.median(times[v]),
+                        "extra_mib": (peak[v] - peak.get("base", 0)) / 2**20,
+                        "layout": variant_label(out_features, in_features),
+                        "auto": pick,
                     }
                 )
-                print(
-                    f"{rows[-1]['shape']:>10} {n_tokens:>5} {variant:<22} {seconds * 1e3:9.2f} ms",
-                    flush=True,
+                say(
+                    f"{rows[-1]['shape']:>10} {n_tokens:>5} {v:<21} "
+                    f"{rows[-1]['seconds'] * 1e3:9.2f} ms {rows[-1]['extra_mib']:8.1f} MiB"
                 )
     return rows
 
@@ -199,51 +251,127 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    threads = torch.get_num_threads()
     return (
-        f"{cpu}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
     )
+
+
+def _keyed(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
+    return {(r["shape"], r["tokens"], r["variant"]): r for r in rows}
+
+
+def checks(rows: list[dict]) -> list[str]:
+    """The issue's targets for lokr_edu's default (auto), each with its numbers, PASS / FAIL."""
+    keyed = _keyed(rows)
+    ours = "lokr_edu auto"
+    lines = []
+    key = ("1280×1280", 4096)
+    if all((*key, v) in keyed for v in [ours, *REFERENCES, "lora r=8"]):
+        t = {v: keyed[(*key, v)]["seconds"] for v in [ours, *REFERENCES, "lora r=8"]}
+        bounds = [("peft", 0.55), ("lycoris", 0.55), ("lycoris bypass", 1.0), ("lora r=8", 1.15)]
+        for ref, bound in bounds:
+            ratio = t[ours] / t[ref]
+            ok = "PASS" if ratio <= bound else "FAIL"
+            lines.append(f"- {ok}: 1280×1280, 4096 tokens: {ratio:.2f}× {ref} (target ≤ {bound})")
+    groups = list(dict.fromkeys((r["shape"], r["tokens"]) for r in rows))
+    slower, heavier, materialize_wins, wrong_pick = [], [], [], []
+    for shape, tokens in groups:
+        row = {v: keyed.get((shape, tokens, v)) for v in VARIANTS}
+        if row[ours] is None:
+            continue
+        if row["peft"] and row[ours]["seconds"] > row["peft"]["seconds"]:
+            slower.append(f"{shape}/{tokens}")
+        for ref in REFERENCES:
+            if row[ref] and row[ours]["extra_mib"] >= row[ref]["extra_mib"]:
+                heavier.append(f"{shape}/{tokens} vs {ref}")
+        forced = {m: row[f"lokr_edu {m}"] for m in ("reshape", "materialize")}
+        if all(forced.values()):
+            faster = min(forced, key=lambda m: forced[m]["seconds"])
+            margin = max(f["seconds"] for f in forced.values()) / forced[faster]["seconds"]
+            if faster == "materialize":
+                materialize_wins.append(f"{shape}/{tokens}")
+            if faster != row[ours]["auto"] and margin > 1.10:
+                wrong_pick.append(f"{shape}/{tokens} ({faster} {margin:.2f}× faster)")
+    n = len(groups)
+    lines += [
+        f"- {'FAIL' if slower else 'PASS'}: lokr_edu no slower than peft at {n - len(slower)} of "
+        f"{n} shapes × token counts" + (f"; slower at {slower}" if slower else ""),
+        f"- {'FAIL' if heavier else 'PASS'}: lokr_edu's peak memory above the base below peft's, "
+        f"lycoris's and lycoris bypass's at {n - len({h.split(' vs')[0] for h in heavier})} of {n}"
+        + (f"; not below at {heavier}" if heavier else ""),
+        f"- {'FAIL' if wrong_pick else 'PASS'}: forced materialize was faster at "
+        f"{len(materialize_wins)} of {n}"
+        + (f" {materialize_wins}" if materialize_wins else "")
+        + "; auto picked the faster mode "
+        f"(or one within 10%) at {n - len(wrong_pick)} of {n}"
+        + (f"; not at {wrong_pick}" if wrong_pick else ""),
+    ]
+    return lines
 
 
 def write_results(rows: list[dict], seconds_total: float) -> str:
     RESULTS.mkdir(exist_ok=True)
+    keyed = _keyed(rows)
+    shown = [v for v in VARIANTS if v != "base"]
     lines = [
         "# LoKr training step on CPU: lokr_edu vs peft vs lycoris-lora",
         "",
         f"Machine: {machine()}. Whole run: {seconds_total:.0f} s. "
-        "Generated by `python benchmarks/bench_lokr.py`.",
+        "Generated by `python benchmarks/bench_lokr.py` (method: benchmarks/README.md).",
         "",
-        "Each cell: median time of one training step (forward + backward + Adam) of one "
-        "adapted layer, "
-        "batch 2, as a ratio to the frozen base layer alone (× base) and to peft's LoKr (× peft); "
-        "extra MiB = activation memory autograd keeps beyond the base layer's. Rank 8, α = 8.",
+        "One training step (forward + backward with the input requiring grad + Adam) of one "
+        "adapted nn.Linear, batch 2, rank 8, α = 8, the same LoKr factor values everywhere. "
+        "Each cell: median of 5 steps in ms, then the ratio to the frozen base layer alone and "
+        "to peft's LoKr. `auto` is the mode lokr_edu's cost model picks for training.",
         "",
-        "| shape (out×in) | tokens | LoKr layout | " + " | ".join(VARIANTS[1:]) + " | auto picks |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in VARIANTS[1:]) + " | --- |",
+        "## Time",
+        "",
+        "| shape (out×in) | tokens | LoKr layout | base | " + " | ".join(shown) + " | auto picks |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in shown) + " | --- |",
     ]
-    keyed = {(r["shape"], r["tokens"], r["variant"]): r for r in rows}
-    for shape, tokens in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
+    groups = list(dict.fromkeys((r["shape"], r["tokens"]) for r in rows))
+    for shape, tokens in groups:
         base = keyed[(shape, tokens, "base")]
         peft = keyed.get((shape, tokens, "peft"))
         cells = []
-        for variant in VARIANTS[1:]:
-            r = keyed.get((shape, tokens, variant))
+        for v in shown:
+            r = keyed.get((shape, tokens, v))
             if r is None:
                 cells.append("—")
                 continue
             versus_peft = f", {r['seconds'] / peft['seconds']:.2f}× peft" if peft else ""
-            ratio = r["seconds"] / base["seconds"]
             cells.append(
-                f"{r['seconds'] * 1e3:.1f} ms ({ratio:.2f}× base{versus_peft}; "
-                f"+{r['extra_mib']:.1f} MiB)"
+                f"{r['seconds'] * 1e3:.1f} ({r['seconds'] / base['seconds']:.2f}× base"
+                f"{versus_peft})"
             )
         lines.append(
-            f"| {shape} | {tokens} | {base['layout']} | "
+            f"| {shape} | {tokens} | {base['layout']} | {base['seconds'] * 1e3:.1f} | "
             + " | ".join(cells)
             + f" | {base['auto']} |"
         )
+    lines += [
+        "",
+        "## Peak memory above the frozen base (MiB)",
+        "",
+        "Peak of torch's CPU allocations during one step, minus the base layer's peak "
+        "(transients included; the input, weights and optimizer state exist before the step).",
+        "",
+        "| shape (out×in) | tokens | " + " | ".join(shown) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in shown) + " |",
+    ]
+    for shape, tokens in groups:
+        cells = [
+            f"{keyed[(shape, tokens, v)]['extra_mib']:.1f}" if (shape, tokens, v) in keyed else "—"
+            for v in shown
+        ]
+        lines.append(f"| {shape} | {tokens} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", "", *checks(rows)]
     text = "\n".join(lines) + "\n"
     (RESULTS / "lokr_cpu.md").write_text(text, encoding="utf-8")
+    log = "\n".join([*LOG, f"Whole run: {seconds_total:.0f} s", *checks(rows)]) + "\n"
+    (RESULTS / "lokr_cpu_run.log").write_text(log, encoding="utf-8")
     return text
 
 
@@ -253,25 +381,35 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    largest = max(r["tokens"] for r in rows)
+    keyed = _keyed(rows)
+    tokens = sorted({r["tokens"] for r in rows})
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    keyed = {(r["shape"], r["tokens"], r["variant"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / (len(VARIANTS) - 1)
-    for i, variant in enumerate(VARIANTS[1:]):
-        ratios = [
-            keyed[(s, largest, variant)]["seconds"] / keyed[(s, largest, "base")]["seconds"]
-            for s in shapes
-        ]
-        ax.bar([j + (i - 2.5) * width for j in range(len(shapes))], ratios, width, label=variant)
-    ax.axhline(1.0, color="gray", linestyle=":")
-    ax.set_xticks(range(len(shapes)), shapes)
-    ax.set_xlabel("layer shape (out × in)")
-    ax.set_ylabel("training step time / frozen base layer")
-    ax.set_title(f"LoKr r = {RANK} training step, {largest} tokens × batch {BATCH}, CPU")
-    ax.legend(fontsize=7)
+    shown = [v for v in VARIANTS if v != "base"]
+    fig, axes = plt.subplots(len(tokens), 1, figsize=(10, 3.2 * len(tokens)), squeeze=False)
+    width = 0.8 / len(shown)
+    for ax, n_tokens in zip(axes[:, 0], tokens, strict=True):
+        for i, v in enumerate(shown):
+            ratios = [
+                keyed[(s, n_tokens, v)]["seconds"] / keyed[(s, n_tokens, "base")]["seconds"]
+                for s in shapes
+            ]
+            offsets = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(shapes))]
+            ax.bar(offsets, ratios, width, label=v)
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_ylabel("step time / frozen base")
+        ax.set_title(f"{n_tokens} tokens × batch {BATCH}")
+    axes[-1, 0].set_xlabel("layer shape (out × in)")
+    axes[0, 0].legend(fontsize=7, ncol=4)
+    fig.suptitle(f"LoKr r = {RANK} training step on CPU ({THREADS} threads), lower is better")
     fig.tight_layout()
     fig.savefig(RESULTS / "lokr_cpu.png", dpi=100)
+    plt.close(fig)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    out_features, in_features = text.lower().replace("×", "x").split("x")
+    return int(out_features), int(in_features)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,14 +417,18 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="one small shape, one step, no files")
+    parser.add_argument(
+        "--shapes", nargs="+", type=_shape, default=SHAPES, help="OUTxIN, e.g. 1280x1280"
+    )
+    parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    print(machine())
+    torch.set_num_threads(THREADS)
+    say(machine())
     start = time.perf_counter()
     if args.smoke:
-        run([(320, 320)], [77], steps=1, warmup=0)
+        run([(320, 320)], [77], steps=1)
         return 0
-    rows = run(SHAPES, TOKENS)
+    rows = run(args.shapes, args.tokens)
     print(write_results(rows, time.perf_counter() - start))
     plot(rows)
     return 0

@@ -175,19 +175,19 @@ class Adapter(nn.Module):
 
     def _lokr_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
         """LoKr without building W1 ⊗ W2 when that is cheaper (kron_apply, chapter 04 §9)."""
-        low_rank = hasattr(self, "lokr_w1_a") or hasattr(self, "lokr_w2_a")
-        scale = self.alpha.item() / self.rank if low_rank else 1.0  # both full: α is ignored
+        # α/r with r read off the low-rank factor, as lowrank.lokr_delta; both full: α is ignored
+        low_rank = getattr(self, "lokr_w1_a", getattr(self, "lokr_w2_a", None))  # (·, r) or None
+        scale = self.alpha.item() / low_rank.shape[1] if low_rank is not None else 1.0
         W1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
         if hasattr(self, "lokr_w2"):
             W2 = self.lokr_w2  # (c, d) or (c, d, kh, kw)
         else:
-            W2 = (self.lokr_w2_a @ self.lokr_w2_b).reshape(
-                self.lokr_w2_a.shape[0], -1, *self.weight_shape[2:]
-            )
+            W2 = (self.lokr_w2_a, self.lokr_w2_b)  # (c, r), (r, d·kh·kw): kept apart, thin
         conv = None
         if isinstance(base, nn.Conv2d):
             conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
-        y = lokr_apply(x, W1, W2, scale, conv, mode=self.lokr_mode)
+        kernel_size = tuple(self.weight_shape[2:]) or None
+        y = lokr_apply(x, W1, W2, scale, conv, mode=self.lokr_mode, kernel_size=kernel_size)
         if self.training and self.rank_dropout:  # LyCORIS: drop whole output rows of ΔW
             keep = (
                 torch.rand(y.shape[-1] if conv is None else y.shape[1], device=y.device)

@@ -2,114 +2,269 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lokr_edu.kron_apply as kron_apply
 from lokr_edu.adapters import Adapter, inject
-from lokr_edu.kron_apply import choose_mode, lokr_apply, lokr_costs
+from lokr_edu.kron_apply import choose_mode, kron_linear, lokr_apply, lokr_costs
+
+TOLERANCE = 1e-5  # relative error, fp32
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).norm() / reference.norm()).item()
 
 
+def assert_close_with_gradients(ours_fn, reference_fn, inputs: list[torch.Tensor]) -> None:
+    """Outputs and the gradients of a random projection of them agree within TOLERANCE."""
+    ours = ours_fn()
+    reference = reference_fn()
+    assert ours.shape == reference.shape
+    assert relative_error(ours, reference) <= TOLERANCE
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(7))
+    g_ours = torch.autograd.grad((ours * weights).sum(), inputs)
+    g_ref = torch.autograd.grad((reference * weights).sum(), inputs)
+    for name, a, b in zip(range(len(inputs)), g_ours, g_ref, strict=True):
+        assert a.shape == b.shape, name
+        assert relative_error(a, b) <= TOLERANCE, (name, relative_error(a, b))
+
+
+def factors(a, b, c, d, rank=None, kernel=(), seed=0):
+    """W1 (a, b) and W2 (c, d, *kernel), or W2's factors (c, r), (r, d·kh·kw), requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(a, b, generator=g).requires_grad_()
+    if rank is None:
+        W2 = torch.randn(c, d, *kernel, generator=g).requires_grad_()
+        return W1, W2, [W1, W2], W2
+    kk = torch.Size(kernel).numel()
+    w2a = torch.randn(c, rank, generator=g).requires_grad_()
+    w2b = torch.randn(rank, d * kk, generator=g).requires_grad_()
+    full = (w2a @ w2b).reshape(c, d, *kernel)
+    return W1, (w2a, w2b), [W1, w2a, w2b], full
+
+
+# (a, b), (c, d), leading dims, rank of W2 (None: full): primes, non-square, batch dims, r = 1
 LINEAR_CASES = [
-    ((3, 4), (5, 2), (7,)),
-    ((2, 7), (13, 3), (2, 5)),
-    ((1, 1), (6, 4), (3,)),
-    ((8, 8), (8, 8), (4, 16)),
+    ((3, 5), (7, 11), (13,), None),
+    ((2, 7), (13, 3), (2, 5), None),
+    ((1, 1), (6, 4), (3,), None),
+    ((5, 3), (1, 7), (2, 3, 2), None),
+    ((8, 8), (8, 8), (4, 16), 2),
+    ((3, 5), (17, 19), (2, 11), 3),
+    ((7, 2), (29, 31), (37,), 1),
+    ((16, 16), (20, 20), (2, 77), 8),
+    ((2, 2), (3, 3), (5,), 3),  # r too large to pay off: W2 is formed first
 ]
 
 
-@pytest.mark.parametrize(("w1_shape", "w2_shape", "lead"), LINEAR_CASES)
-def test_linear_reshape_matches_the_definition_with_gradients(w1_shape, w2_shape, lead) -> None:
-    torch.manual_seed(0)
-    W1 = torch.randn(w1_shape, requires_grad=True)
-    W2 = torch.randn(w2_shape, requires_grad=True)
-    x = torch.randn(*lead, w1_shape[1] * w2_shape[1], requires_grad=True)
-    results = {}
-    for mode in ["reshape", "materialize"]:
-        y = lokr_apply(x, W1, W2, 0.7, mode=mode)
-        grads = torch.autograd.grad(
-            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum(), [x, W1, W2]
+@pytest.mark.parametrize(("w1", "w2", "lead", "rank"), LINEAR_CASES)
+@pytest.mark.parametrize("mode", ["reshape", "materialize", "auto"])
+def test_linear_matches_the_definition_with_gradients(w1, w2, lead, rank, mode) -> None:
+    W1, W2, params, W2_full = factors(*w1, *w2, rank=rank)
+    x = torch.randn(*lead, w1[1] * w2[1], requires_grad=True)
+    scale = 0.7
+    assert_close_with_gradients(
+        lambda: lokr_apply(x, W1, W2, scale, mode=mode),
+        lambda: F.linear(x, scale * torch.kron(W1, W2_full)),
+        [x, *params],
+    )
+
+
+def test_linear_over_many_chunks(monkeypatch) -> None:
+    # tiny chunks: the vectors go through in many pieces, the last one shorter
+    monkeypatch.setattr(kron_apply, "CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr(kron_apply, "MIN_CHUNK", 1)
+    for rank in [None, 2]:
+        W1, W2, params, W2_full = factors(4, 3, 5, 6, rank=rank)
+        x = torch.randn(3, 7, 18, requires_grad=True)
+        assert_close_with_gradients(
+            lambda W1=W1, W2=W2, x=x: kron_linear(x, W1, W2),
+            lambda W1=W1, W2_full=W2_full, x=x: F.linear(x, torch.kron(W1, W2_full)),
+            [x, *params],
         )
-        results[mode] = (y, *grads)
-    reference = F.linear(x, 0.7 * torch.kron(W1, W2))
-    assert relative_error(results["reshape"][0], reference) <= 1e-5
-    for ours, theirs in zip(results["reshape"], results["materialize"], strict=True):
-        assert relative_error(ours, theirs) <= 1e-5
 
 
-@pytest.mark.parametrize("kernel", [1, 3])
-@pytest.mark.parametrize(("stride", "padding"), [(1, 0), (2, 1)])
-def test_conv_reshape_matches_the_definition_with_gradients(kernel, stride, padding) -> None:
-    torch.manual_seed(1)
-    W1 = torch.randn(3, 2, requires_grad=True)
-    W2 = torch.randn(4, 5, kernel, kernel, requires_grad=True)
-    x = torch.randn(2, 10, 7, 6, requires_grad=True)
-    conv = {"stride": stride, "padding": padding, "dilation": 1}
-    reference = F.conv2d(x, 1.3 * torch.kron(W1[:, :, None, None], W2), None, stride, padding)
-    ours = lokr_apply(x, W1, W2, 1.3, conv, mode="reshape")
-    assert relative_error(ours, reference) <= 1e-5
-    g_ours = torch.autograd.grad(ours.square().sum(), [x, W1, W2])
-    g_ref = torch.autograd.grad(reference.square().sum(), [x, W1, W2])
-    for a, b in zip(g_ours, g_ref, strict=True):
-        assert relative_error(a, b) <= 1e-5
+def test_random_shapes_against_the_definition() -> None:
+    rng = random.Random(0)
+    for _ in range(12):
+        a, b, c, d = (rng.randint(1, 9) for _ in range(4))
+        rank = rng.choice([None, 1, 2, 3])
+        lead = tuple(rng.randint(1, 5) for _ in range(rng.randint(1, 3)))
+        W1, W2, params, W2_full = factors(a, b, c, d, rank=rank, seed=rng.randint(0, 99))
+        x = torch.randn(*lead, b * d, requires_grad=True)
+        assert_close_with_gradients(
+            lambda W1=W1, W2=W2, x=x: lokr_apply(x, W1, W2, 1.3, mode="reshape"),
+            lambda W1=W1, W2_full=W2_full, x=x: F.linear(x, 1.3 * torch.kron(W1, W2_full)),
+            [x, *params],
+        )
 
 
-@pytest.mark.parametrize("options", [{}, {"decompose_both": True}, {"full_matrix": True}])
-@pytest.mark.parametrize("layer", ["linear", "conv3x3"])
-def test_lokr_adapter_reshape_equals_materialize(options, layer) -> None:
+def test_gradients_only_where_asked() -> None:
+    W1, W2, _, W2_full = factors(3, 4, 5, 2)
+    x = torch.randn(6, 8)  # no grad: the first layer of a network
+    (gW1, gW2) = torch.autograd.grad(lokr_apply(x, W1, W2, mode="reshape").sum(), [W1, W2])
+    (rW1, rW2) = torch.autograd.grad(F.linear(x, torch.kron(W1, W2_full)).sum(), [W1, W2])
+    assert relative_error(gW1, rW1) <= TOLERANCE and relative_error(gW2, rW2) <= TOLERANCE
+    x.requires_grad_()
+    frozen_W1 = W1.detach()
+    (gx,) = torch.autograd.grad(lokr_apply(x, frozen_W1, W2, mode="reshape").sum(), [x])
+    (rx,) = torch.autograd.grad(F.linear(x, torch.kron(frozen_W1, W2_full)).sum(), [x])
+    assert relative_error(gx, rx) <= TOLERANCE
+
+
+CONV_CASES = [
+    # kernel, stride, padding, dilation, rank
+    ((1, 1), 1, 0, 1, None),
+    ((1, 1), 2, 0, 1, 2),
+    ((3, 3), 1, 1, 1, None),
+    ((3, 3), 2, 1, 1, 3),
+    ((3, 3), 1, 2, 2, 2),
+    ((3, 2), (2, 1), (1, 0), 1, None),
+    ((3, 3), 1, "same", 1, 2),
+]
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "rank"), CONV_CASES)
+@pytest.mark.parametrize("mode", ["reshape", "materialize", "auto"])
+def test_conv_matches_the_definition_with_gradients(
+    kernel, stride, padding, dilation, rank, mode
+) -> None:
+    a, b, c, d = 3, 2, 5, 3
+    W1, W2, params, W2_full = factors(a, b, c, d, rank=rank, kernel=kernel, seed=1)
+    x = torch.randn(2, b * d, 7, 6, requires_grad=True)
+    conv = {"stride": stride, "padding": padding, "dilation": dilation}
+    delta = torch.kron(W1[:, :, None, None], W2_full)  # (a·c, b·d, kh, kw)
+    assert_close_with_gradients(
+        lambda: lokr_apply(x, W1, W2, 1.3, conv, mode=mode, kernel_size=kernel),
+        lambda: F.conv2d(x, 1.3 * delta, None, **conv),
+        [x, *params],
+    )
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"decompose_both": True}, {"full_matrix": True}, {"alpha": 3.0}]
+)
+@pytest.mark.parametrize("layer", ["linear", "conv1x1", "conv3x3"])
+def test_lokr_adapter_matches_its_delta_weight(options, layer) -> None:
+    """Every LoKr layout an Adapter can hold: forward through lokr_apply == ΔW of delta_weight."""
     torch.manual_seed(2)
-    base = nn.Linear(96, 64) if layer == "linear" else nn.Conv2d(16, 24, 3, padding=1)
-    x = torch.randn(4, 96) if layer == "linear" else torch.randn(2, 16, 5, 5)
-    outputs = {}
-    for mode in ["reshape", "materialize"]:
-        model = nn.Sequential(base)
-        torch.manual_seed(3)
-        inject(model, "0", "lokr", rank=2, alpha=3.0, lokr_mode=mode, **options)
+    if layer == "linear":
+        base, x = nn.Linear(96, 60), torch.randn(4, 5, 96, requires_grad=True)
+    elif layer == "conv1x1":
+        base, x = nn.Conv2d(48, 40, 1), torch.randn(2, 48, 5, 4, requires_grad=True)
+    else:
+        base = nn.Conv2d(48, 40, 3, stride=2, padding=1)
+        x = torch.randn(2, 48, 7, 6, requires_grad=True)
+    options = {"alpha": 5.0} | options
+    for mode in ["reshape", "materialize", "auto"]:
+        adapter = Adapter("lokr", base, rank=2, lokr_mode=mode, **options)
         with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_()
-        y = model(x)
-        y.square().sum().backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        outputs[mode] = (y, *grads)
-        base = model[0].base  # unwrap for the next round
-    for ours, theirs in zip(outputs["reshape"], outputs["materialize"], strict=True):
-        assert relative_error(ours, theirs) <= 1e-5
+            for p in adapter.parameters():
+                p.normal_()
+        params = list(adapter.parameters())
+
+        def reference(adapter=adapter):
+            delta = adapter.delta_weight()
+            if layer == "linear":
+                return F.linear(x, delta)
+            return F.conv2d(x, delta, None, base.stride, base.padding, base.dilation)
+
+        assert_close_with_gradients(
+            lambda adapter=adapter: adapter(x, base), reference, [x, *params]
+        )
 
 
-def test_cost_model_picks_materialize_only_for_tiny_layers() -> None:
-    # 16 × 16: launching kernels and copying inputs cost more than the tiny dense product
-    assert choose_mode(4, 4, 4, 4, vectors=1) == "materialize"
-    assert choose_mode(4, 4, 4, 4, vectors=4096) == "materialize"
-    assert choose_mode(16, 16, 20, 20, vectors=77) == "reshape"  # SD's smallest layer, 320 × 320
-    # 1280 × 1280 = (32 × 32) ⊗ (40 × 40): building ΔW alone costs more than reshaping one token
-    assert choose_mode(32, 32, 40, 40, vectors=1) == "reshape"
-    assert choose_mode(32, 32, 40, 40, vectors=4096) == "reshape"
+def test_inject_passes_lokr_mode_and_the_model_trains() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 6))
+    inject(model, ["0", "2"], "lokr", rank=2, lokr_mode="reshape")
+    assert {m.lokr_mode for m in model.modules() if isinstance(m, Adapter)} == {"reshape"}
+    x = torch.randn(8, 12)
+    model(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_cost_model_choices() -> None:
+    # FLOPs are those of chapter 01's kron_matvec_cost (forward) plus the backward products
     costs = lokr_costs(32, 32, 40, 40, vectors=4096)
     assert costs["reshape"]["flops"] == 2 * 4096 * (32 * 40 * 40 + 32 * 32 * 40)
     assert costs["materialize"]["flops"] == 1280 * 1280 + 2 * 4096 * 1280 * 1280
+    thin = lokr_costs(32, 32, 40, 40, vectors=4096, rank=8)["reshape"]["flops"]
+    # W2 = w2a·w2b applied as (I ⊗ w2a)(W1 ⊗ w2b): three products on r = 8 columns
+    assert thin == 2 * 4096 * 8 * (32 * 40 + 32 * 32 + 32 * 40)
+    train = lokr_costs(32, 32, 40, 40, vectors=4096, backward=True)
+    assert train["materialize"]["flops"] > 2.9 * costs["materialize"]["flops"]
+    # a tiny layer: launching a dozen kernels costs more than its dense product
+    assert choose_mode(2, 2, 2, 2, vectors=4) == "materialize"
+    assert choose_mode(2, 2, 2, 2, vectors=4, backward=True) == "materialize"
+    # SD1.5's layers: reshape from 77 tokens on, for inference and for training
+    for (a, b), (c, d) in [((16, 16), (20, 20)), ((32, 32), (40, 40)), ((80, 32), (128, 40))]:
+        for vectors in [154, 2048, 8192]:
+            for backward in [False, True]:
+                assert choose_mode(a, b, c, d, vectors, backward=backward, rank=8) == "reshape"
+    # 1280 × 1280 = (32 × 32) ⊗ (40 × 40): building ΔW alone costs more than reshaping one token
+    assert choose_mode(32, 32, 40, 40, vectors=1) == "reshape"
+    # a prime output size: W1 is 1 × 1, W2 is the whole layer; few tokens, materialize
+    assert choose_mode(1, 1, 7, 5, vectors=3) == "materialize"
 
 
-def test_forced_modes_and_bad_input() -> None:
-    with pytest.raises(ValueError, match="mode must be one of"):
-        lokr_apply(torch.ones(2, 6), torch.ones(2, 2), torch.ones(3, 3), 1.0, mode="fast")
-    with pytest.raises(ValueError, match="x must end in n = b·d = 6"):
-        lokr_apply(torch.ones(2, 5), torch.ones(2, 2), torch.ones(3, 3), 1.0)
-    with pytest.raises(ValueError, match=r"x must be \(B, b·d = 6, H, W\)"):
-        lokr_apply(
-            torch.ones(2, 6),
-            torch.ones(2, 2),
-            torch.ones(3, 3, 1, 1),
-            1.0,
-            {"stride": 1, "padding": 0, "dilation": 1},
-        )
-    with pytest.raises(ValueError, match="vectors must be a positive integer"):
-        lokr_costs(2, 2, 3, 3, vectors=0)
-    with pytest.raises(ValueError, match="lokr_mode must be one of"):
-        Adapter("lokr", nn.Linear(4, 4), rank=1, lokr_mode="never")
+def test_auto_follows_the_cost_model(monkeypatch) -> None:
+    seen = []
+    original = kron_apply.choose_mode
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kron_apply, "choose_mode", spy)
+    W1, W2, _, _ = factors(3, 4, 5, 2)
+    lokr_apply(torch.randn(2, 6, 8), W1, W2)  # W1, W2 require grad: training
+    with torch.no_grad():
+        lokr_apply(torch.randn(2, 6, 8), W1, W2)  # inference
+    assert seen[0] == ((3, 4, 5, 2, 12, 1), {"backward": True, "rank": None})
+    assert seen[1][1]["backward"] is False
+    lokr_apply(torch.randn(2, 8), W1, W2, mode="reshape")  # forced: no cost model
+    assert len(seen) == 2
+
+
+def test_forced_modes_are_obeyed(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(torch, "kron", lambda *args: calls.append(1) or torch.ones(15, 8))
+    W1, W2, _, _ = factors(3, 4, 5, 2)
+    lokr_apply(torch.randn(2, 8), W1, W2, mode="reshape")
+    assert not calls  # the reshape path never forms W1 ⊗ W2
+    lokr_apply(torch.randn(2, 8), W1, W2, mode="materialize")
+    assert calls == [1]
+
+
+def test_bad_input_names_the_argument() -> None:
+    W1, W2 = torch.ones(2, 2), torch.ones(3, 3)
+    conv = {"stride": 1, "padding": 0, "dilation": 1}
+    cases = [
+        ("mode", lambda: lokr_apply(torch.ones(2, 6), W1, W2, mode="fast")),
+        ("x", lambda: lokr_apply(torch.ones(2, 5), W1, W2)),
+        ("x", lambda: lokr_apply([1.0] * 6, W1, W2)),
+        ("W1", lambda: lokr_apply(torch.ones(2, 6), torch.ones(4), W2)),
+        ("W2", lambda: lokr_apply(torch.ones(2, 6), W1, torch.ones(3, 3, 1, 1))),
+        ("W2", lambda: lokr_apply(torch.ones(2, 6), W1, (torch.ones(3, 2), torch.ones(1, 3)))),
+        ("W2", lambda: lokr_apply(torch.ones(2, 6), W1, "W2")),
+        ("x", lambda: lokr_apply(torch.ones(2, 6), W1, torch.ones(3, 3, 1, 1), 1.0, conv)),
+        ("conv", lambda: lokr_apply(torch.ones(1, 6, 2, 2), W1, torch.ones(3, 3, 1, 1), 1, {})),
+        (
+            "kernel_size",
+            lambda: lokr_apply(
+                torch.ones(1, 6, 2, 2), W1, (torch.ones(3, 1), torch.ones(1, 3)), 1.0, conv
+            ),
+        ),
+        ("vectors", lambda: lokr_costs(2, 2, 3, 3, vectors=0)),
+        ("rank", lambda: lokr_costs(2, 2, 3, 3, vectors=1, rank=0)),
+        ("lokr_mode", lambda: Adapter("lokr", nn.Linear(4, 4), rank=1, lokr_mode="never")),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=rf"^{name}\b"):
+            call()
