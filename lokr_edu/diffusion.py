@@ -1,52 +1,89 @@
 """Fine-tuning a Stable Diffusion pipeline with an adapter: data, loss, training loop, checkpoints.
 
-Defined in chapter 07 (work in progress: the notebook and the tiny pretrained model are not
-written yet). The recipe is that of diffusers' `train_text_to_image_lora.py`:
+Defined in chapter 07. The recipe is that of diffusers' `train_text_to_image_lora.py`:
 
     z0 = scaling_factor · VAE.encode(image)          latents of the training image
     ε ~ N(0, I), t ~ U{0, …, T−1}, z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε   (scheduler.add_noise)
     loss = ‖ε − ε_θ(z_t, t, text(caption))‖²        (ε-prediction; optional SNR-γ weights)
 
-Only the adapter's factors are trained (`lokr_edu.inject` on the U-Net). Every random draw of a
-step (which images, which t, which ε) comes from a generator seeded with (seed, step), so a run
-that is interrupted and resumed from a checkpoint ends with exactly the adapter of a run that was
-not. Checkpoints are safetensors (adapter, optimizer moments) with the rest as JSON metadata:
-nothing is pickled.
+Only the adapter's factors are trained (`lokr_edu.inject` on the U-Net), with AdamW, an LR
+schedule (`diffusers.optimization.get_scheduler`), gradient clipping and gradient accumulation,
+under `accelerate.Accelerator`: the same loop runs on a CPU, on one GPU in fp16/bf16 mixed
+precision, and on several GPUs with `accelerate launch --multi_gpu -m lokr_edu.train`.
+
+Every random draw of a micro-batch (which images, which t, which ε) comes from a generator seeded
+with (seed, step, micro-batch, process), so a run that is interrupted and resumed from a
+checkpoint ends with exactly the adapter of a run that was not. Checkpoints are safetensors
+(adapter, optimizer moments) with the rest (step, config, LR schedule, fp16 loss scale) as JSON
+metadata: nothing is pickled (which is why `accelerator.save_state`, which pickles, is not used).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lokr_edu.adapters import adapter_layers, inject
-from lokr_edu.io import write_safetensors_atomically
+from lokr_edu.io import read_safetensors, save_adapter, write_safetensors_atomically
 
 __all__ = [
     "TrainConfig",
     "ImageCaptionFolder",
+    "load_pipeline",
+    "tokenize_captions",
     "noise_prediction_loss",
     "save_checkpoint",
     "load_checkpoint",
     "train",
+    "export_adapter",
     "write_tiny_clip_vocabulary",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+METHODS = ("lora", "loha", "lokr")
+MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules)
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+CHECKPOINT_FILE = "checkpoint.safetensors"
+KOHYA_FILE = "adapter.safetensors"  # A1111, ComfyUI, kohya sd-scripts, LyCORIS
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) reads
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; a checkpoint records it and refuses another config."""
+    """Everything that defines a run; a checkpoint records it and refuses another config.
+
+    One step is one optimizer update. It sees gradient_accumulation_steps × batch_size examples
+    (on each process, under `accelerate launch`), so `steps` is diffusers' max_train_steps and
+    batch_size its train_batch_size. The learning rate follows
+    diffusers.optimization.get_scheduler(lr_scheduler, warmup = lr_warmup_steps, total = steps);
+    the gradient norm is clipped to max_grad_norm (None: no clipping). mixed_precision is
+    accelerate's: "no" (fp32), "fp16" (a GPU, with loss scaling) or "bf16"; the frozen weights
+    are then kept in that dtype and the trained factors in fp32, as diffusers does.
+    gradient_checkpointing recomputes the U-Net's activations in the backward pass (less memory,
+    about a third more time). With sample_every > 0, a grid of images for sample_prompts is
+    saved every sample_every steps. Bad values raise ValueError here, before anything runs.
+    Defined in chapter 07.
+    """
 
     method: str = "lokr"
     rank: int = 8
@@ -60,13 +97,171 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     adapter_options: dict = field(default_factory=dict)
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    sample_every: int = 0
+    sample_prompts: Sequence[str] = ()
+    sample_inference_steps: int = 25
+
+    # What a resumed run may change: none of these changes what the adapter learns.
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "steps",
+        "checkpoint_every",
+        "gradient_checkpointing",
+        "sample_every",
+        "sample_prompts",
+        "sample_inference_steps",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        if isinstance(self.sample_prompts, str):
+            self.sample_prompts = (self.sample_prompts,)
+        self.targets, self.sample_prompts = tuple(self.targets), tuple(self.sample_prompts)
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        for name, least in [
+            ("rank", 1),
+            ("steps", 1),
+            ("batch_size", 1),
+            ("gradient_accumulation_steps", 1),
+            ("checkpoint_every", 1),
+            ("sample_inference_steps", 1),
+            ("lr_warmup_steps", 0),
+            ("sample_every", 0),
+            ("seed", 0),
+        ]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                problems.append(f"{name} must be an integer ≥ {least}, got {value!r}")
+        for name in ("learning_rate", "max_grad_norm", "snr_gamma", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                problems.append(f"{name} must be a positive number, got {value!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(
+                f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}"
+            )
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(
+                f"mixed_precision must be one of {tuple(MIXED_PRECISION)}, "
+                f"got {self.mixed_precision!r}"
+            )
+        if self.sample_every and not self.sample_prompts:
+            problems.append("sample_every > 0 needs sample_prompts (the prompts to draw)")
+        if not self.targets:
+            problems.append("targets: give at least one module-name pattern")
+        if problems:
+            raise ValueError("TrainConfig: " + "; ".join(problems))
 
     def key(self) -> str:
-        """The settings that must match for a checkpoint to be resumed (all but `steps`)."""
+        """The settings that must match for a checkpoint to be resumed (all but RESUMABLE)."""
         settings = asdict(self)
-        settings.pop("steps")
-        settings["targets"] = list(self.targets)
+        for name in self.RESUMABLE:
+            settings.pop(name)
         return json.dumps(settings, sort_keys=True)
+
+
+def _looks_like_a_path(model: str) -> bool:
+    """A hub id is "owner/name"; anything else with a path's shape is meant as a folder."""
+    return (
+        model.startswith(("/", "./", "../", "~", "."))
+        or "\\" in model
+        or model.count("/") > 1
+        or model.endswith("/")
+    )
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+):
+    """A StableDiffusionPipeline from a Hugging Face Hub id or a local folder.
+
+    `model` is an id ("runwayml/stable-diffusion-v1-5", downloaded once into the Hugging Face
+    cache) or a folder written by `pipe.save_pretrained(folder)` (or `hf download ... --local-dir
+    folder`). This is `StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
+    use_safetensors=True)`: safetensors weights only, never a pickle, and no safety checker
+    (fine-tuning does not need it). dtype (torch.float16 for inference on a GPU) and device are
+    applied after loading. Errors (ValueError, before any training step): a local folder that
+    does not exist, a folder without model_index.json (not a diffusers pipeline), a hub id that
+    cannot be fetched (offline, no network, or not a model id) and is not in the cache.
+    Defined in chapter 07.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    text = str(model)
+    path = Path(text).expanduser()
+    local = isinstance(model, Path) or path.exists() or _looks_like_a_path(text)
+    if local:
+        if not path.exists():
+            raise ValueError(f"model: the folder {path} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"model: {path} is a file; give the pipeline's folder")
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"model: {path} has no model_index.json, so it is not a diffusers pipeline folder "
+                "(write one with pipe.save_pretrained(folder), or download one with "
+                f"`hf download runwayml/stable-diffusion-v1-5 --local-dir {path}`)"
+            )
+    options: dict[str, object] = {
+        "safety_checker": None,
+        "requires_safety_checker": False,
+        "use_safetensors": True,
+    }
+    if dtype is not None:  # diffusers renamed torch_dtype to dtype (and warns on the old name)
+        from diffusers.utils import deprecation_utils
+
+        renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+        options["dtype" if renamed else "torch_dtype"] = dtype
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(path) if local else text, **options)
+    except (OSError, ValueError) as error:  # huggingface_hub's errors are OSError / ValueError
+        reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
+        if local:
+            raise ValueError(f"model: could not load the pipeline in {path}: {reason}") from error
+        raise ValueError(
+            f"model: {text!r} is not a local folder and could not be loaded from the Hugging "
+            f"Face Hub (offline, unreachable, or not a model id): {reason}. Download the weights "
+            f"on a machine with network (`hf download {text} --local-dir FOLDER`) and pass the "
+            "folder instead, or unset HF_HUB_OFFLINE if you are online."
+        ) from error
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def tokenize_captions(tokenizer, captions: Sequence[str]) -> Tensor:
+    """Token ids (len(captions), tokenizer.model_max_length), padded, for the text encoder.
+
+    CLIP reads at most model_max_length tokens (77 for SD1.5: 75 plus the start and end tokens).
+    diffusers' script truncates longer captions silently, so the end of a caption would be
+    trained on without ever being seen; here such a caption is an error that names it.
+    Defined in chapter 07.
+    """
+    captions = list(captions)
+    limit = tokenizer.model_max_length
+    for caption, ids in zip(captions, tokenizer(captions, verbose=False).input_ids, strict=True):
+        if len(ids) > limit:
+            raise ValueError(
+                f"caption {_short(caption)!r} is {len(ids)} tokens long (with the start and end "
+                f"tokens); the tokenizer reads at most {limit}: shorten it"
+            )
+    return tokenizer(
+        captions, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
@@ -98,6 +293,11 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         ]
         self.resolution, self._open = resolution, Image.open
 
+    @property
+    def captions(self) -> list[str]:
+        """Every caption, in order, without opening an image."""
+        return [caption for _, caption in self.items]
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -118,23 +318,24 @@ def noise_prediction_loss(
 ) -> Tensor:
     """The ε-prediction loss of one batch of clean latents z0 (module docstring).
 
-    With snr_gamma, each example is weighted by min(SNR_t, γ)/SNR_t (Hang et al., 2023), as
-    diffusers' script does; SNR_t = ᾱ_t / (1 − ᾱ_t).
+    ε and t are drawn on the CPU from `generator` (the same draws on any device), then moved to
+    the latents' device. For a v-prediction scheduler the target is v = √ᾱ_t·ε − √(1−ᾱ_t)·z0.
+    With snr_gamma, each example is weighted by min(SNR_t, γ)/SNR_t (Hang et al., 2023; for
+    v-prediction min(SNR_t, γ)/(SNR_t + 1)), as diffusers' script does; SNR_t = ᾱ_t / (1 − ᾱ_t).
     """
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    from diffusers.training_utils import compute_snr
+
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     T = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator)
+    timesteps = torch.randint(0, T, (latents.shape[0],), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     if snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())
-    alphas = scheduler.alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=snr_gamma) / snr  # (batch,)
+    snr = compute_snr(scheduler, timesteps)  # (batch,)
+    weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
         dim=(1, 2, 3)
     )
@@ -145,118 +346,297 @@ def _trainable(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
-def save_checkpoint(path: Path, unet: nn.Module, optimizer, config: TrainConfig, step: int) -> None:
-    """Adapter factors and Adam moments as tensors; step, config and schedule as JSON. Atomic."""
+def save_checkpoint(
+    path: Path,
+    unet: nn.Module,
+    optimizer,
+    config: TrainConfig,
+    step: int,
+    lr_scheduler=None,
+    scaler=None,
+) -> None:
+    """Adapter factors and Adam moments as tensors; step, config, LR schedule state and the fp16
+    loss scale (GradScaler) as JSON metadata. Atomic: a crash leaves the old file or the new."""
     names = [n for n, _ in _trainable(unet)]
-    tensors = {f"param.{n}": p.detach().clone() for n, p in _trainable(unet)}
+    tensors = {f"param.{n}": p.detach().to("cpu", copy=True) for n, p in _trainable(unet)}
     state = optimizer.state_dict()
     for index, moments in state["state"].items():
         for key, value in moments.items():
-            tensors[f"optimizer.{names[index]}.{key}"] = value.detach().clone().reshape(-1)
+            tensors[f"optimizer.{names[index]}.{key}"] = value.detach().to("cpu").reshape(-1)
     metadata = {
         "step": str(step),
         "config": config.key(),
         "param_groups": json.dumps(state["param_groups"]),
     }
+    if lr_scheduler is not None:
+        metadata["lr_scheduler"] = json.dumps(lr_scheduler.state_dict())
+    if scaler is not None:
+        metadata["grad_scaler"] = json.dumps(scaler.state_dict())
     write_safetensors_atomically(tensors, Path(path), metadata)
 
 
-def load_checkpoint(path: Path, unet: nn.Module, optimizer, config: TrainConfig) -> int:
-    """Restore a checkpoint written by `save_checkpoint`; returns the step to continue from."""
-    from safetensors import safe_open
+def load_checkpoint(
+    path: Path, unet: nn.Module, optimizer, config: TrainConfig, lr_scheduler=None, scaler=None
+) -> int:
+    """Restore a checkpoint written by `save_checkpoint`; returns the step to continue from.
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
+    A checkpoint written by another configuration (TrainConfig.key) is refused before anything
+    changes."""
+    tensors, metadata = read_safetensors(path)
     if metadata.get("config") != config.key():
         raise ValueError(
             f"checkpoint {Path(path).name} was written by another configuration: "
             f"{metadata.get('config')} (this run: {config.key()})"
         )
-    tensors = load_file(str(path))
     trainable = _trainable(unet)
     with torch.no_grad():
         for name, p in trainable:
             p.copy_(tensors[f"param.{name}"])
     state = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
-    for index, (name, _) in enumerate(trainable):
+    for index, (name, p) in enumerate(trainable):
         moments = {
             key.rsplit(".", 1)[1]: value
             for key, value in tensors.items()
             if key.startswith(f"optimizer.{name}.")
         }
         if moments:
-            shape = {"step": (), "exp_avg": trainable[index][1].shape}
-            shape["exp_avg_sq"] = shape["exp_avg"]
+            shape = {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
             state["state"][index] = {
                 k: v.reshape(shape.get(k, v.shape)) for k, v in moments.items()
             }
     optimizer.load_state_dict(state)
+    if lr_scheduler is not None and "lr_scheduler" in metadata:
+        lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
+    if scaler is not None and "grad_scaler" in metadata:
+        scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
     return int(metadata["step"])
+
+
+def _accelerator(config: TrainConfig):
+    """An accelerate.Accelerator for the config's mixed precision and gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier not in (None, config.mixed_precision) and PartialState().num_processes == 1:
+        # accelerate keeps one precision per process; a notebook may train in "no", then "bf16"
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "mixed_precision 'fp16' needs a GPU (PyTorch's fp16 autocast and loss scaling run on "
+            "CUDA); on the CPU use 'bf16' or 'no'"
+        )
+    return accelerator
+
+
+def _check_captions(dataset: Sequence[tuple[Tensor, str]], tokenize) -> None:
+    """Tokenize every caption once, so a bad one stops the run before its first step."""
+    if hasattr(dataset, "captions"):
+        captions = list(dataset.captions)
+    else:
+        captions = [dataset[i][1] for i in range(len(dataset))]
+    unique = sorted(set(captions))
+    for start in range(0, len(unique), 256):
+        tokenize(unique[start : start + 256])
+
+
+@torch.no_grad()
+def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int, accelerator):
+    """One row of images, a prompt each, seeded with config.seed: folder/step_NNNNNN.png."""
+    from diffusers.utils import make_image_grid
+
+    prompts = list(config.sample_prompts)
+    device = pipe.unet.device
+    pipe.set_progress_bar_config(disable=True)
+    with accelerator.autocast():
+        embeddings = pipe.text_encoder(tokenize(prompts).to(device))[0]
+        empty = pipe.text_encoder(tokenize([""] * len(prompts)).to(device))[0]
+        images = pipe(
+            prompt_embeds=embeddings,
+            negative_prompt_embeds=empty,
+            num_inference_steps=config.sample_inference_steps,
+            generator=torch.Generator().manual_seed(config.seed),
+        ).images
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:06d}.png"
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    make_image_grid(images, rows=1, cols=len(images)).save(temporary, format="PNG")
+    os.replace(temporary, path)
 
 
 def train(
     pipe,
     dataset: Sequence[tuple[Tensor, str]],
     config: TrainConfig,
-    tokenize: Callable[[list[str]], Tensor],
+    tokenize: Callable[[list[str]], Tensor] | None = None,
     checkpoint_dir: Path | str | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    *,
+    sample_dir: Path | str | None = None,
+    progress: bool = True,
 ) -> list[float]:
-    """Train an adapter on `pipe.unet`; returns the loss of every step run.
+    """Train an adapter on `pipe.unet`; returns the loss of every step run (its mean over the
+    accumulated micro-batches and the processes).
 
-    With checkpoint_dir, a checkpoint is written every `config.checkpoint_every` steps (and at
-    the end); resume=True continues from the latest one. stop_after ends early after that many
-    steps of this call (to simulate an interruption in tests).
+    One step, under accelerate (diffusers' train_text_to_image_lora.py):
+        for each of the gradient_accumulation_steps micro-batches:
+            loss = noise_prediction_loss(...);  backward(loss / gradient_accumulation_steps)
+        clip ‖∇‖ to max_grad_norm;  AdamW step;  LR schedule step;  zero the gradients
+    If pipe.unet has no adapter yet, one is injected (its initial factors drawn from
+    config.seed). tokenize maps captions to token ids (default: `tokenize_captions` with
+    pipe.tokenizer); every caption is tokenized once before the first step, so a caption that
+    is too long stops the run there. With checkpoint_dir, a checkpoint is written every
+    `config.checkpoint_every` steps and at the end; resume=True continues from it exactly.
+    stop_after ends early after that many steps of this call (to simulate an interruption in
+    tests). Sample grids go to sample_dir (default checkpoint_dir/samples). progress=False
+    hides the tqdm bar.
+    After training the whole pipeline is on the accelerator's device, in the mixed-precision
+    dtype ("no": fp32), ready to sample. Defined in chapter 07.
     """
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     if len(dataset) == 0:
         raise ValueError("dataset: it has no examples")
+    if tokenize is None:
+        if getattr(pipe, "tokenizer", None) is None:
+            raise ValueError("tokenize: the pipeline has no tokenizer; pass tokenize=")
+        tokenize = functools.partial(tokenize_captions, pipe.tokenizer)
+    _check_captions(dataset, tokenize)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    if resume and (checkpoint is None or not checkpoint.exists()):
+        raise ValueError(f"resume: no checkpoint in {checkpoint_dir}")
+    if config.sample_every:
+        tokenize(list(config.sample_prompts))
+        if sample_dir is None and checkpoint_dir is None:
+            raise ValueError("sample_every: give checkpoint_dir or sample_dir for the sample grids")
+        sample_dir = Path(sample_dir) if sample_dir else Path(checkpoint_dir) / "samples"
+
+    accelerator = _accelerator(config)
+    device, dtype = accelerator.device, MIXED_PRECISION[config.mixed_precision]
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     if not list(adapter_layers(unet)):
-        inject(
-            unet,
-            list(config.targets),
-            config.method,
-            config.rank,
-            config.alpha,
-            **config.adapter_options,
-        )
+        with torch.random.fork_rng():  # the initial factors depend on config.seed alone
+            torch.manual_seed(config.seed)
+            inject(
+                unet,
+                list(config.targets),
+                config.method,
+                config.rank,
+                config.alpha,
+                **config.adapter_options,
+            )
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        [p for _, p in _trainable(unet)], lr=config.learning_rate, weight_decay=config.weight_decay
+    # frozen weights in the mixed-precision dtype, trained factors in fp32 (diffusers' recipe)
+    for model in (unet, vae, text_encoder):
+        model.to(device)
+        if any(p.dtype != dtype for p in model.parameters() if not p.requires_grad):
+            model.to(dtype=dtype)
+    cast_training_params(unet, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = [p for _, p in _trainable(unet)]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # accelerate steps a prepared scheduler once per process per update, hence the × (diffusers)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.steps * accelerator.num_processes,
     )
+    model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     start = 0
-    checkpoint = Path(checkpoint_dir) / "checkpoint.safetensors" if checkpoint_dir else None
     if resume:
-        if checkpoint is None or not checkpoint.exists():
-            raise ValueError(f"resume: no checkpoint in {checkpoint_dir}")
-        start = load_checkpoint(checkpoint, unet, optimizer, config)
-    losses = []
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    for step in tqdm(range(start, end), initial=start, total=config.steps, disable=None):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        start = load_checkpoint(
+            checkpoint, unet, optimizer, config, lr_scheduler, accelerator.scaler
+        )
+
+    def micro_batch_loss(step: int, micro: int) -> Tensor:
+        draw = (step * accumulation + micro) * accelerator.num_processes + accelerator.process_index
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + draw)
         indices = torch.randint(len(dataset), (config.batch_size,), generator=generator).tolist()
-        pixels = torch.stack([dataset[i][0] for i in indices])
-        captions = [dataset[i][1] for i in indices]
+        examples = [dataset[i] for i in indices]
+        pixels = torch.stack([image for image, _ in examples]).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
-            text = text_encoder(tokenize(captions))[0]
-        loss = noise_prediction_loss(
-            unet, latents, text, pipe.scheduler, generator, config.snr_gamma
+            text = text_encoder(tokenize([caption for _, caption in examples]).to(device))[0]
+        return noise_prediction_loss(
+            model, latents, text, pipe.scheduler, generator, config.snr_gamma
         )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+
+    accumulation = config.gradient_accumulation_steps
+    losses = []
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=config.steps,
+        disable=None if progress and accelerator.is_local_main_process else True,
+    )
+    for step in bar:
+        micro_losses = []
+        for micro in range(accumulation):
+            with accelerator.accumulate(model):  # syncs and steps on the last micro-batch only
+                loss = micro_batch_loss(step, micro)
+                accelerator.backward(loss)  # of loss / accumulation
+                if accelerator.sync_gradients and config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            micro_losses.append(loss.detach())
+        loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged: the loss of step {step + 1} is {loss}")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == end):
-            save_checkpoint(checkpoint, unet, optimizer, config, done)
-    if not all(math.isfinite(v) for v in losses):
-        raise FloatingPointError("training diverged: a loss is not finite")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    checkpoint, unet, optimizer, config, done, lr_scheduler, accelerator.scaler
+                )
+        sample_now = config.sample_every and (
+            done % config.sample_every == 0 or done == config.steps
+        )
+        if sample_now and accelerator.is_main_process:
+            _save_samples(pipe, config, tokenize, sample_dir, done, accelerator)
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # unet.forward without autocast
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    cast_training_params(unet, dtype=dtype)  # one dtype for the whole pipeline, for sampling
     return losses
+
+
+def export_adapter(pipe, folder: Path | str, *, dtype: torch.dtype | None = None) -> list[Path]:
+    """Write the trained adapter as the files other tools read (`lokr_edu.save_adapter`):
+
+        folder/adapter.safetensors                 kohya/LyCORIS keys: A1111, ComfyUI, LyCORIS
+        folder/pytorch_lora_weights.safetensors    diffusers/peft keys, for LoRA only:
+                                                   pipe.load_lora_weights(folder) reads it
+    dtype converts the tensors (torch.float16 halves the files, as most shared files are).
+    Returns the paths written. Defined in chapter 07.
+    """
+    folder = Path(folder)
+    methods = {
+        adapter.method
+        for model in (pipe.unet, pipe.text_encoder)
+        for _, layer in adapter_layers(model)
+        for adapter in layer.adapters.values()
+    }
+    paths = [save_adapter(pipe, folder / KOHYA_FILE, "kohya", dtype=dtype)]
+    if methods == {"lora"}:
+        paths.append(save_adapter(pipe, folder / DIFFUSERS_FILE, "peft", dtype=dtype))
+    return paths
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -1,0 +1,160 @@
+"""Fine-tune Stable Diffusion with LoRA / LoHa / LoKr from the command line.
+
+Defined in chapter 07: the notebook's `lokr_edu.diffusion.train`, outside the notebook.
+
+    python -m lokr_edu.train --model runwayml/stable-diffusion-v1-5 --data my_images \\
+        --output runs/my_style --method lokr --rank 8 --steps 1000 --mixed-precision fp16
+    accelerate launch --multi_gpu -m lokr_edu.train --model ... --data ... --output ...
+
+Settings come from, in this order (later wins): TrainConfig's defaults, --config FILE (a JSON
+object of TrainConfig fields, plus any of "model", "data", "output", "resolution", "export"),
+the flags below. Without --mixed-precision in either, the precision that `accelerate launch
+--mixed_precision` set (ACCELERATE_MIXED_PRECISION) is used, else "no".
+
+--data is a folder of images, each with a caption in a .txt file of the same name.
+--output receives checkpoint.safetensors (every --checkpoint-every steps; --resume continues
+from it exactly), samples/step_NNNNNN.png (with --sample-every and --sample-prompt), and at the
+end the trained adapter: adapter.safetensors (kohya/LyCORIS: A1111, ComfyUI) and, for LoRA,
+pytorch_lora_weights.safetensors (diffusers: pipe.load_lora_weights(output)).
+Every bad input (a setting, the model, the data, a caption too long) is an error before the
+first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lokr_edu.diffusion import (
+    LR_SCHEDULERS,
+    METHODS,
+    MIXED_PRECISION,
+    ImageCaptionFolder,
+    TrainConfig,
+    export_adapter,
+    load_pipeline,
+    tokenize_captions,
+    train,
+)
+
+__all__ = ["build_parser", "main", "settings_from"]
+
+RUN_SETTINGS = {"model": None, "data": None, "output": None, "resolution": 512, "export": True}
+# flag dest -> TrainConfig field, for the flags that set one
+CONFIG_FLAGS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "adapter_options"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag defaults to None, so that only flags given override."""
+    p = argparse.ArgumentParser(
+        prog="python -m lokr_edu.train",
+        description="Fine-tune a Stable Diffusion pipeline with a LoRA / LoHa / LoKr adapter "
+        "(lokr_edu chapter 07). Multi-GPU: accelerate launch --multi_gpu -m lokr_edu.train ...",
+    )
+    p.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override)")
+    p.add_argument("--model", help="hub id (runwayml/stable-diffusion-v1-5) or local folder")
+    p.add_argument("--data", type=Path, help="folder of images with .txt captions")
+    p.add_argument("--output", type=Path, help="folder for checkpoints, samples and exports")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT's checkpoint")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default 512)")
+    p.add_argument(
+        "--export",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the adapter in the kohya and (LoRA) diffusers formats at the end (default)",
+    )
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--targets", nargs="+", help="module-name patterns (default: to_q to_k ...)")
+    p.add_argument("--steps", type=int, help="optimizer updates (diffusers: max_train_steps)")
+    p.add_argument("--batch-size", type=int, help="per process and micro-batch")
+    p.add_argument("--gradient-accumulation-steps", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lr-scheduler", choices=LR_SCHEDULERS)
+    p.add_argument("--lr-warmup-steps", type=int)
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--snr-gamma", type=float)
+    p.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION))
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sample-every", type=int, help="save a sample grid every N steps")
+    p.add_argument(
+        "--sample-prompt", dest="sample_prompts", action="append", help="repeat for several"
+    )
+    p.add_argument("--sample-inference-steps", type=int)
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, object]]:
+    """(TrainConfig, run settings) from defaults < --config file < flags. ValueError if bad."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings: dict[str, object] = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ValueError(f"--config: {args.config} is not a file")
+        try:
+            settings = json.loads(args.config.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config: {args.config} is not valid JSON: {error}") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"--config: {args.config} must hold a JSON object")
+        unknown = sorted(set(settings) - fields - set(RUN_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"--config: unknown settings {unknown}; known: {sorted(fields | set(RUN_SETTINGS))}"
+            )
+    for name in [*CONFIG_FLAGS, *RUN_SETTINGS]:
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    if "mixed_precision" not in settings and os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        settings["mixed_precision"] = os.environ["ACCELERATE_MIXED_PRECISION"]
+    run = {name: settings.pop(name, default) for name, default in RUN_SETTINGS.items()}
+    missing = [f"--{name}" for name in ("model", "data", "output") if run[name] is None]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (as flags or in --config)")
+    return TrainConfig(**settings), run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, check everything, train, export. Errors exit with status 2 and one message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config, run = settings_from(args)
+        output = Path(run["output"])
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"--output: {output} is a file, not a folder")
+        pipe = load_pipeline(run["model"], dtype=MIXED_PRECISION[config.mixed_precision])
+        if pipe.tokenizer is None:
+            raise ValueError(f"--model: the pipeline in {run['model']} has no tokenizer")
+        dataset = ImageCaptionFolder(run["data"], int(run["resolution"]), pipe.vae_scale_factor)
+        output.mkdir(parents=True, exist_ok=True)
+        train(
+            pipe,
+            dataset,
+            config,
+            lambda captions: tokenize_captions(pipe.tokenizer, captions),
+            checkpoint_dir=output,
+            resume=args.resume,
+        )
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    from accelerate.state import PartialState
+
+    if run["export"] and PartialState().is_main_process:
+        for path in export_adapter(pipe, output):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
