@@ -9,6 +9,7 @@ from check_cases import check_tests
 from torch import nn
 
 from lokr_edu import checks
+from lokr_edu.kron_apply import kron_linear
 from lokr_edu.sd15 import kohya_key
 
 
@@ -50,6 +51,34 @@ def merged(W, down, up, alpha, eta):
 def merged_in_place(W, down, up, alpha, eta):
     W += eta * (alpha / down.shape[0]) * (up @ down)
     return W
+
+
+def lokr_reshape(x, W1, w2a, w2b, scale):
+    """The reference: lokr_edu's own reshape path, W2 kept as its two factors."""
+    return scale * kron_linear(x, W1, (w2a, w2b))
+
+
+def lokr_by_parts(x, W1, w2a, w2b, scale, read=None, flatten=None):
+    """The formula with one step replaced, as a student might write it."""
+    (a, b), c, d = W1.shape, w2a.shape[0], w2b.shape[1]
+    lead = x.shape[:-1]
+    X = read(x, b, d) if read else x.reshape(*lead, b, d)
+    Y = W1 @ X @ (w2a @ w2b).T
+    return scale * (flatten(Y) if flatten else Y.reshape(*lead, a * c))
+
+
+def lokr_via_kron(x, W1, w2a, w2b, scale):
+    return scale * x @ torch.kron(W1, w2a @ w2b).T
+
+
+def lokr_column_major(x, W1, w2a, w2b, scale):  # the textbook vec(W2·X·W1ᵀ), column-major
+    (a, b), c, d = W1.shape, w2a.shape[0], w2b.shape[1]
+    X = x.reshape(*x.shape[:-1], d, b).mT  # column-major read: X[j, l] = x[l·b + j]
+    return scale * (W1 @ X @ (w2a @ w2b).T).mT.reshape(*x.shape[:-1], a * c)
+
+
+def lokr_detached_w1(x, W1, w2a, w2b, scale):
+    return lokr_reshape(x, W1.detach(), w2a, w2b, scale)
 
 
 CASES = [
@@ -130,6 +159,37 @@ CASES = [
             ),
             (lambda state, module: ("lora", split(state, module)[1]), "expected 'loha'"),
             (lambda state, module: split(state, module)[1], "must return (method, tensors)"),
+        ],
+    ),
+    (
+        checks.check_lokr_reshape,
+        lokr_reshape,
+        [
+            (lokr_via_kron, "called torch.kron"),
+            (
+                lambda *args: lokr_by_parts(
+                    *args, read=lambda x, b, d: x.reshape(*x.shape[:-1], d, b).mT
+                ),
+                "not x.reshape(..., d, b) transposed",
+            ),
+            (
+                lambda *args: lokr_by_parts(*args, flatten=lambda Y: Y.mT.flatten(-2)),
+                "do not transpose it first",
+            ),
+            (lokr_column_major, "(W2 ⊗ W1)·x"),
+            (lambda x, W1, w2a, w2b, scale: lokr_by_parts(x, W1, w2a, w2b, 1.0), "by scale"),
+            (
+                lambda x, W1, w2a, w2b, s: s * (W1 @ x.reshape(-1, 3, 4) @ (w2a @ w2b)).flatten(-2),
+                "use the transpose of W2",
+            ),
+            (
+                lambda x, W1, w2a, w2b, s: lokr_by_parts(
+                    x, W1, w2a, w2b, s, flatten=lambda Y: Y.reshape(-1, Y.shape[-2] * Y.shape[-1])
+                ),
+                "expected (2, 3, 12)",
+            ),
+            (lokr_detached_w1, "no gradient reaches W1"),
+            (lambda *args: lokr_reshape(*args).detach(), "carries no gradient"),
         ],
     ),
 ]

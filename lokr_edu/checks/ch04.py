@@ -7,11 +7,25 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lokr_edu.checks.common import CheckError, call_student, passed, random_tensor, require_tensor
+from lokr_edu.checks.ch01 import _forbid_kron
+from lokr_edu.checks.common import (
+    CheckError,
+    call_student,
+    passed,
+    random_tensor,
+    require_tensor,
+    shape_str,
+)
 from lokr_edu.lowrank import adapter_shapes, lora_delta
 from lokr_edu.sd15 import kohya_key
 
-__all__ = ["check_lora_linear", "check_merged_weight", "check_kohya_key", "check_split_adapter"]
+__all__ = [
+    "check_lora_linear",
+    "check_merged_weight",
+    "check_kohya_key",
+    "check_split_adapter",
+    "check_lokr_reshape",
+]
 
 
 def check_lora_linear(lora_linear_class: type[nn.Module]) -> None:
@@ -168,3 +182,88 @@ def check_split_adapter(split_adapter: Callable[[dict, str], tuple[str, dict]]) 
                     f"split_adapter's {key!r} {context} is not the tensor from the file"
                 )
     passed("split_adapter finds the module's tensors and its method for LoRA, LoHa and LoKr files")
+
+
+# (a, b, c, d, r, leading dims of x): square factors first, so that a wrong order gives wrong
+# values (and a specific hint) rather than a crash; then non-square, batched and single vectors.
+LOKR_CASES = [
+    (3, 3, 4, 4, 2, (5,)),
+    (2, 3, 4, 5, 2, (6,)),
+    (4, 2, 3, 6, 3, (2, 3)),
+    (1, 5, 6, 2, 1, ()),
+]
+
+
+def _lokr_hint(got: torch.Tensor, x: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, s: float):
+    """The likely mistake behind a wrong scale·(W1 ⊗ W2)·x, or a reminder of the formula."""
+    lead, (a, b), (c, d) = x.shape[:-1], W1.shape, W2.shape
+    X = x.reshape(*lead, b, d)
+    Y = W1 @ X @ W2.T  # (..., a, c)
+    guesses = [
+        (Y.reshape(*lead, a * c), "multiply the result by scale"),
+        (
+            s * (W1 @ x.reshape(*lead, d, b).mT @ W2.T).reshape(*lead, a * c),
+            "x's n = b·d features are b blocks of d in torch's row-major order: "
+            "X = x.reshape(..., b, d), not x.reshape(..., d, b) transposed",
+        ),
+        (
+            s * Y.mT.reshape(*lead, a * c),
+            "flatten Y = W1·X·W2ᵀ (a × c) as it is, row by row: output feature i·c + k is "
+            "Y[i, k]; do not transpose it first",
+        ),
+        (
+            s * x @ torch.kron(W2, W1).T,
+            "that is (W2 ⊗ W1)·x: either W1 and W2 are swapped, or x was read and y written "
+            "column by column (the textbook vec(W2·X·W1ᵀ) form, which assumes column-major order)",
+        ),
+    ]
+    if c == d:
+        guesses.append(
+            (s * (W1 @ X @ W2).reshape(*lead, a * c), "it is W1·X·W2ᵀ: use the transpose of W2")
+        )
+    for guess, hint in guesses:
+        if torch.allclose(got, guess):
+            return hint
+    return (
+        "with torch's row-major flattening, X = x.reshape(..., b, d) and "
+        "y = scale·(W1 @ X @ W2.T).reshape(..., a·c), where W2 = w2a @ w2b"
+    )
+
+
+def check_lokr_reshape(lokr_reshape: Callable[..., torch.Tensor]) -> None:
+    """Exercise 4.5: scale·(W1 ⊗ w2a·w2b) on x's last axis without torch.kron, with gradients."""
+    names = ["x", "W1", "w2a", "w2b"]
+    for case, (a, b, c, d, r, lead) in enumerate(LOKR_CASES):
+        x = random_tensor(*lead, b * d, seed=30 + case)
+        W1 = random_tensor(a, b, seed=case)
+        w2a, w2b = random_tensor(c, r, seed=10 + case), random_tensor(r, d, seed=20 + case)
+        scale = 0.5 + case
+        context = (
+            f"for W1 {shape_str(W1)}, w2a {shape_str(w2a)}, w2b {shape_str(w2b)}, "
+            f"scale {scale} and x of shape {tuple(x.shape)}"
+        )
+        inputs = [t.clone().requires_grad_() for t in (x, W1, w2a, w2b)]
+        with _forbid_kron("lokr_reshape", "the point is to never build W1 ⊗ W2: reshape x"):
+            got = call_student("lokr_reshape", lokr_reshape, *inputs, scale, context=context)
+        require_tensor("lokr_reshape", got, (*lead, a * c), context)
+        W2 = w2a @ w2b
+        if not torch.allclose(got.detach(), scale * x @ torch.kron(W1, W2).T):
+            hint = _lokr_hint(got.detach(), x, W1, W2, scale)
+            raise CheckError(f"lokr_reshape is wrong {context}: {hint}")
+        no_grad = "compute it with torch operations on the inputs (no .detach(), numpy or no_grad)"
+        if not got.requires_grad:
+            raise CheckError(f"lokr_reshape's output carries no gradient {context}: {no_grad}")
+        probe = random_tensor(*got.shape, seed=40 + case)
+        grads = torch.autograd.grad((got * probe).sum(), inputs, allow_unused=True)
+        ref = [t.clone().requires_grad_() for t in (x, W1, w2a, w2b)]
+        want = scale * ref[0] @ torch.kron(ref[1], ref[2] @ ref[3]).T
+        want_grads = torch.autograd.grad((want * probe).sum(), ref)
+        for name, grad, want_grad in zip(names, grads, want_grads, strict=True):
+            if grad is None or torch.count_nonzero(grad) == 0:
+                raise CheckError(f"no gradient reaches {name} {context}: {no_grad}")
+            if not torch.allclose(grad, want_grad):
+                raise CheckError(f"the gradient with respect to {name} is wrong {context}")
+    passed(
+        "lokr_reshape computes scale·(W1 ⊗ w2a·w2b)·x and its gradients on "
+        f"{len(LOKR_CASES)} shapes, batches included, without torch.kron"
+    )
