@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lokr_edu.adapters import adapter_layers, inject
+from lokr_edu.adapters import adapter_layers, inject, set_strength
 from lokr_edu.io import read_safetensors, save_adapter, write_safetensors_atomically
 
 __all__ = [
@@ -48,6 +48,8 @@ __all__ = [
     "load_checkpoint",
     "train",
     "export_adapter",
+    "generate",
+    "eta_sweep",
     "write_tiny_clip_vocabulary",
 ]
 
@@ -637,6 +639,62 @@ def export_adapter(pipe, folder: Path | str, *, dtype: torch.dtype | None = None
     if methods == {"lora"}:
         paths.append(save_adapter(pipe, folder / DIFFUSERS_FILE, "peft", dtype=dtype))
     return paths
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> Tensor:
+    """Images for `prompts` from any StableDiffusionPipeline: (N, 3, H, W) in [0, 1].
+
+    The pipeline's own sampling loop (its scheduler, classifier-free guidance
+    ε̂ = ε(∅) + g·(ε(text) − ε(∅)) with g = guidance_scale), in batches, from one generator
+    seeded with `seed`: the same call gives the same images. Defined in chapter 07.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt")
+    tokenize_captions(pipe.tokenizer, prompts)  # a too-long prompt is an error, not truncated
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        out = pipe(
+            prompts[start : start + batch_size],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pt",
+        ).images  # (n, 3, H, W) in [0, 1]
+        images.append(out.float().cpu())
+    return torch.cat(images)
+
+
+def eta_sweep(
+    pipe,
+    etas: Sequence[float],
+    measure: Callable[[object], object],
+    name: str | None = None,
+) -> dict[float, object]:
+    """{η: measure(pipe)} with the U-Net's adapter (all, or the one called `name`) at strength η.
+
+    η = 0 is the base model, η = 1 the adapter as trained, η > 1 extrapolates along ΔW
+    (W + η·ΔW, chapter 04). The strength is set back to 1 afterwards, even on an error.
+    """
+    results = {}
+    try:
+        for eta in etas:
+            set_strength(pipe.unet, eta, name)
+            results[float(eta)] = measure(pipe)
+    finally:
+        set_strength(pipe.unet, 1.0, name)
+    return results
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

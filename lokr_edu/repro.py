@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["setup_notebook"]
+__all__ = ["quiet_libraries", "setup_notebook"]
 
 
 def setup_notebook(seed: int = 0, threads: int = 1, precision: int = 4) -> None:
@@ -27,3 +27,17 @@ def setup_notebook(seed: int = 0, threads: int = 1, precision: int = 4) -> None:
     import matplotlib
 
     matplotlib.rcParams.update({"figure.figsize": (6.4, 4.0), "figure.dpi": 80})
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' progress bars and warnings (loading a pipeline prints
+    several to stderr), so a notebook's outputs hold only what its cells print."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="accelerate")

@@ -1,0 +1,283 @@
+"""A tiny Stable Diffusion that draws handwritten digits: SD1.5's classes at a CPU's scale.
+
+Defined in chapter 07 (notebooks/07_stable_diffusion_lokr.ipynb). The pipeline is a real
+`StableDiffusionPipeline` made of the same classes as SD1.5:
+
+| part | SD1.5 | here |
+| --- | --- | --- |
+| tokenizer | CLIPTokenizer, 49,408 tokens, 77 per prompt | CLIPTokenizer, 14 words, 8 per prompt |
+| text encoder | CLIPTextModel, 12 layers × 768 | CLIPTextModel, 2 layers × 64 |
+| VAE | AutoencoderKL, 512×512×3 → 64×64×4 | AutoencoderKL, 8×8×3 → 8×8×4 |
+| U-Net | UNet2DConditionModel, 860 M parameters | UNet2DConditionModel, 0.8 M parameters |
+| scheduler | PNDM / DDIM, scaled-linear β | DDIM, scaled-linear β |
+
+It is pretrained by `pretrain` on scikit-learn's 1,797 digits (8×8, shipped with scikit-learn)
+with captions such as "a handwritten digit three", saved with `save_pretrained` in
+`lokr_edu/data/digits_sd/`, and loaded with `StableDiffusionPipeline.from_pretrained`, the same
+call as for SD1.5:
+
+    python -m lokr_edu.digits_sd pretrain          # rewrites lokr_edu/data/digits_sd (~12 min on 2 cores)
+
+Its vocabulary already holds one word it never saw in pretraining, "rotated": chapter 07 teaches
+it a new concept with an adapter, as one teaches SD1.5 a style behind a rare trigger word.
+Quality is measured, not assumed: `DigitReader`, a classifier fitted on the real digits (upright
+and rotated by 90°), reads what the model drew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lokr_edu.diffusion import write_tiny_clip_vocabulary
+
+__all__ = [
+    "TINY_MODEL",
+    "DIGIT_WORDS",
+    "CONCEPT_WORD",
+    "caption",
+    "digit_images",
+    "build_pipeline",
+    "pretrain",
+    "DigitReader",
+    "main",
+]
+
+TINY_MODEL = Path(__file__).parent / "data" / "digits_sd"
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CONCEPT_WORD = "rotated"  # in the vocabulary from the start, never in a pretraining caption
+CAPTION_WORDS = ("a", "handwritten", "digit", *DIGIT_WORDS, CONCEPT_WORD)
+MAX_TOKENS = 8  # <start> a rotated handwritten digit three <end> <pad>
+
+
+def caption(digit: int, rotated: bool = False) -> str:
+    """'a handwritten digit three', or with the concept word: 'a rotated handwritten digit three'.
+
+    The concept word comes before the digit's word: CLIP's text encoder is causal (chapter 06), so
+    only words that come *before* "three" change the vector the U-Net reads for "three".
+    """
+    if not 0 <= digit <= 9:
+        raise ValueError(f"digit must be 0..9, got {digit}")
+    concept = f"{CONCEPT_WORD} " if rotated else ""
+    return f"a {concept}handwritten digit {DIGIT_WORDS[digit]}"
+
+
+def digit_images(rotated: bool = False) -> tuple[Tensor, Tensor]:
+    """All 1,797 digits as (N, 3, 8, 8) images in [−1, 1] (grey on three channels), and labels.
+
+    rotated=True turns each a quarter turn counter-clockwise (chapter 05's "rot90" task).
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32) / 8.0 - 1.0  # 0..16 -> −1..1
+    if rotated:
+        images = torch.rot90(images, 1, dims=(-2, -1))
+    return images[:, None].repeat(1, 3, 1, 1), torch.tensor(data.target)
+
+
+def build_pipeline():
+    """A fresh, untrained tiny pipeline (the classes and sizes of the table above)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_tiny_clip_vocabulary(CAPTION_WORDS, folder)
+        tokenizer = CLIPTokenizer(
+            f"{folder}/vocab.json", f"{folder}/merges.txt", model_max_length=MAX_TOKENS
+        )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(  # one block: no downsampling, 8×8×3 pixels <-> 8×8×4 latents
+        block_out_channels=(32,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=8,
+    )
+    unet = UNet2DConditionModel(  # SD1.5's block types, two levels: 8×8 and 4×4
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(  # SD1.5's β schedule
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def pretrain(
+    out: Path | str = TINY_MODEL,
+    steps: int = 3000,
+    vae_steps: int = 1000,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> list[float]:
+    """Pretrain the tiny pipeline on the digits and save it; returns the U-Net's losses.
+
+    1. The VAE: reconstruction MSE + 1e-6·KL, then its latents are scaled to unit variance
+       (`scaling_factor`, 0.18215 for SD1.5).
+    2. The text encoder and U-Net together on the ε-prediction loss of chapter 07 (the same one
+       `lokr_edu.diffusion.noise_prediction_loss` computes), with 10 % of captions replaced by the
+       empty prompt so that classifier-free guidance works at sampling.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    pipe = build_pipeline()
+    images, labels = digit_images()
+    generator = torch.Generator().manual_seed(seed)
+
+    vae = pipe.vae
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for _ in tqdm(range(vae_steps), desc="VAE", disable=None):
+        batch = images[torch.randint(len(images), (64,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist  # computed once: the VAE is frozen from here
+    vae.register_to_config(scaling_factor=round(1.0 / posterior.mean.std().item(), 5))
+    scale = vae.config.scaling_factor
+
+    tokenize = pipe.tokenizer
+    tokens = tokenize(
+        [caption(int(d)) for d in labels], padding="max_length", return_tensors="pt"
+    ).input_ids  # (N, 8)
+    empty = tokenize([""], padding="max_length", return_tensors="pt").input_ids  # (1, 8)
+    unet, text_encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps)
+    losses = []
+    progress = tqdm(range(steps), desc="U-Net", disable=None)
+    for _ in progress:
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        mean, std = posterior.mean[index], posterior.std[index]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
+        ids = tokens[index].clone()
+        ids[torch.rand(batch_size, generator=generator) < 0.1] = empty  # unconditional 10 %
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator
+        )
+        prediction = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    pipe.save_pretrained(out, safe_serialization=True)
+    return losses
+
+
+@dataclass
+class DigitReader:
+    """A classifier fitted on the real digits, upright and rotated: it reads a generated image as
+    (digit, rotated?). Multinomial logistic regression on the 64 pixels, 20 classes.
+    """
+
+    model: object
+    test_accuracy: float
+
+    @classmethod
+    def fit(cls, seed: int = 0) -> DigitReader:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import train_test_split
+
+        upright, labels = digit_images()
+        rotated, _ = digit_images(rotated=True)
+        x = torch.cat([upright, rotated])[:, 0].reshape(-1, 64).numpy() / 2 + 0.5  # [0, 1]
+        y = torch.cat([labels, labels + 10]).numpy()
+        x_train, x_test, y_train, y_test = train_test_split(
+            x, y, test_size=0.25, random_state=seed, stratify=y
+        )
+        model = LogisticRegression(max_iter=2000, C=0.1).fit(x_train, y_train)
+        return cls(model, float(model.score(x_test, y_test)))
+
+    def read(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (N, 3, 8, 8) or (N, 8, 8) in [0, 1] -> (digit (N,), rotated (N,) bool)."""
+        if images.shape[-2:] != (8, 8):
+            raise ValueError(f"the reader takes 8×8 images, got {tuple(images.shape)}")
+        if images.dim() == 4:
+            images = images.mean(dim=1)  # grey: the three channels of a digit are equal
+        classes = torch.from_numpy(self.model.predict(images.reshape(len(images), 64).numpy()))
+        return classes % 10, classes >= 10
+
+    def rate(self, images: Tensor, digits: Tensor, rotated: bool) -> float:
+        """Fraction of images read as the prompted digit with the prompted orientation."""
+        read_digit, read_rotated = self.read(images)
+        return ((read_digit == digits) & (read_rotated == rotated)).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lokr_edu.digits_sd",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=["pretrain"])
+    parser.add_argument("--out", type=Path, default=TINY_MODEL)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    losses = pretrain(args.out, args.steps, args.vae_steps, args.batch_size)
+    print(f"saved {args.out}; mean loss of the last 100 steps {sum(losses[-100:]) / 100:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
