@@ -16,7 +16,7 @@ with captions such as "a handwritten digit three", saved with `save_pretrained` 
 `lokr_edu/data/digits_sd/`, and loaded with `StableDiffusionPipeline.from_pretrained`, the same
 call as for SD1.5:
 
-    python -m lokr_edu.digits_sd pretrain          # rewrites lokr_edu/data/digits_sd (~12 min on 2 cores)
+    python -m lokr_edu.digits_sd pretrain     # rewrites lokr_edu/data/digits_sd (~12 min, 2 cores)
 
 Its vocabulary already holds one word it never saw in pretraining, "rotated": chapter 07 teaches
 it a new concept with an adapter, as one teaches SD1.5 a style behind a rare trigger word.
