@@ -85,11 +85,11 @@ CHAPTERS: list[Chapter] = [
     Chapter(
         "07",
         "Fine-tuning Stable Diffusion 1.5",
-        "notebooks/07_stable_diffusion.ipynb",
+        "notebooks/07_stable_diffusion_lokr.ipynb",
         "lokr_edu/diffusion.py",
         "GPU for the full run; tiny mode on CPU",
-        None,
-        None,
+        185,
+        "exercises/07_stable_diffusion_lokr_exercises.ipynb",
     ),
 ]
 
