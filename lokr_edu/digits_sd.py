@@ -44,6 +44,7 @@ __all__ = [
     "CONCEPT_WORD",
     "caption",
     "digit_images",
+    "build_unet",
     "build_pipeline",
     "pretrain",
     "DigitReader",
@@ -83,14 +84,25 @@ def digit_images(rotated: bool = False) -> tuple[Tensor, Tensor]:
     return images[:, None].repeat(1, 3, 1, 1), torch.tensor(data.target)
 
 
+def build_unet():
+    """The tiny model's untrained U-Net (0.8 M parameters; the chapter 07 exercises use it too)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(  # SD1.5's block types, two levels: 8×8 and 4×4
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
 def build_pipeline():
     """A fresh, untrained tiny pipeline (the classes and sizes of the table above)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
@@ -120,16 +132,7 @@ def build_pipeline():
         norm_num_groups=8,
         sample_size=8,
     )
-    unet = UNet2DConditionModel(  # SD1.5's block types, two levels: 8×8 and 4×4
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+    unet = build_unet()
     scheduler = DDIMScheduler(  # SD1.5's β schedule
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -87,19 +87,10 @@ def check_noise_prediction_loss(loss_fn: Callable) -> None:
 
 
 def _small_unet() -> nn.Module:
-    from diffusers import UNet2DConditionModel
+    from lokr_edu.digits_sd import build_unet
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+    return build_unet()
 
 
 def check_text_reading_targets(targets_fn: Callable[[nn.Module], list[str]]) -> None:
