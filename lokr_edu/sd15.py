@@ -220,3 +220,45 @@ def shape_counts(layers: tuple[Target, ...] | list[Target]) -> dict[tuple[int, i
     """
     counts = Counter((t.out_features, t.in_features) for t in layers)
     return dict(sorted(counts.items()))
+
+
+def unet_tokens(height: int = 512, width: int = 512, target_set: str = "kohya") -> dict[str, int]:
+    """How many tokens each U-Net target multiplies per image: its module name -> rows.
+
+    A target inside a transformer block maps a (tokens × n) matrix to (tokens × m), with
+    tokens = h·w of the latent at its level. The VAE divides the image by 8 and the U-Net halves
+    the latent three times, so at 512 × 512 the 320-channel level sees 64·64 = 4096 tokens, 640
+    channels 1024, 1280 channels 256, and the mid block (1280) 64; cross-attention's to_k / to_v
+    read the 77 text tokens instead. What a layer's step costs depends on batch × tokens, so a
+    1280-wide layer fed 2 × 4096 rows is SD1.5 at 512 px with a batch of 32. (Every text-encoder
+    layer sees 77 tokens.) Found by running the meta-device U-Net once with a hook on each target.
+    Defined in chapter 04 (04_adapter_from_scratch.ipynb, section 9).
+    """
+    if height <= 0 or width <= 0 or height % 64 or width % 64:
+        raise ValueError(
+            f"height and width must be positive multiples of 64 (latent / 8, halved three times),"
+            f" got {height}×{width}"
+        )
+    model = _meta_model("unet")
+    modules = dict(model.named_modules())
+    tokens: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+            x = inputs[0]  # Linear: (batch, tokens, n); 1×1 Conv2d: (batch, n, h, w)
+            tokens[name] = x.shape[1] if x.dim() == 3 else x.shape[-2] * x.shape[-1]
+
+        return hook
+
+    handles = [
+        modules[t.name].register_forward_hook(record(t.name)) for t in targets("unet", target_set)
+    ]
+    try:
+        latent = torch.zeros(1, 4, height // 8, width // 8, device="meta")
+        text = torch.zeros(1, 77, 768, device="meta")
+        with torch.no_grad():
+            model(latent, torch.zeros(1, device="meta"), encoder_hidden_states=text)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tokens

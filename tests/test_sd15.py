@@ -250,3 +250,56 @@ def test_bad_arguments() -> None:
 
 def test_targets_are_cached() -> None:
     assert sd15.targets("unet", "kohya") is sd15.targets("unet", "kohya")
+
+
+# ---------------------------------------------------------------------------------------------
+# how many tokens each target sees (chapter 04, section 9)
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_tokens(name: str, height: int, width: int) -> int:
+    """From the module name alone: cross-attention keys/values read the 77 text tokens; any other
+    target sees the latent (image / 8) at its level, halved once per level below the top."""
+    if re.search(r"attn2\.to_[kv]$", name):
+        return 77
+    level = re.match(r"(down_blocks|up_blocks|mid_block)\.?(\d*)", name)
+    assert level is not None, name
+    block, index = level.group(1), level.group(2)
+    if block == "down_blocks":
+        halvings = int(index)  # down_blocks.0 is the full latent
+    elif block == "up_blocks":
+        halvings = 3 - int(index)  # up_blocks.3 is back at the full latent
+    else:
+        halvings = 3  # mid_block, the smallest latent
+    return (height // 8 >> halvings) * (width // 8 >> halvings)
+
+
+@pytest.mark.parametrize(("height", "width"), [(512, 512), (768, 512)])
+def test_unet_tokens_follow_the_latent_size_at_each_level(height: int, width: int) -> None:
+    seen = sd15.unet_tokens(height, width)
+    names = [t.name for t in sd15.targets("unet", "kohya")]
+    assert sorted(seen) == sorted(names)  # every target, once
+    assert seen == {name: expected_tokens(name, height, width) for name in names}
+
+
+def test_unet_tokens_at_512_px() -> None:
+    seen = sd15.unet_tokens()
+    by_shape: dict[tuple[int, int, int], int] = {}
+    for t in sd15.targets("unet", "kohya"):
+        key = (t.out_features, t.in_features, seen[t.name])
+        by_shape[key] = by_shape.get(key, 0) + 1
+    # 5 transformers at 16 × 16 (down 2, up 1), each with 8 1280×1280 targets, and the mid block
+    assert by_shape[(1280, 1280, 256)] == 40 and by_shape[(1280, 1280, 64)] == 8
+    assert {tokens for (m, n, tokens) in by_shape if (m, n) == (1280, 1280)} == {64, 256}
+    assert by_shape[(320, 320, 4096)] == 40 and by_shape[(10240, 1280, 256)] == 5
+    diffusers = sd15.unet_tokens(target_set="diffusers")
+    assert len(diffusers) == 128 and sorted(set(diffusers.values())) == [64, 77, 256, 1024, 4096]
+
+
+def test_unet_tokens_leaves_no_hooks_and_checks_its_size() -> None:
+    sd15.unet_tokens(64, 64)
+    unet = sd15._meta_model("unet")
+    assert not any(m._forward_hooks for m in unet.modules())
+    for height, width in [(500, 512), (512, 0), (32, 64)]:
+        with pytest.raises(ValueError, match="multiples of 64"):
+            sd15.unet_tokens(height, width)
