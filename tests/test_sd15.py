@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections import Counter
 
 import pytest
 from torch import nn
@@ -284,10 +285,9 @@ def test_unet_tokens_follow_the_latent_size_at_each_level(height: int, width: in
 
 def test_unet_tokens_at_512_px() -> None:
     seen = sd15.unet_tokens()
-    by_shape: dict[tuple[int, int, int], int] = {}
-    for t in sd15.targets("unet", "kohya"):
-        key = (t.out_features, t.in_features, seen[t.name])
-        by_shape[key] = by_shape.get(key, 0) + 1
+    by_shape = Counter(
+        (t.out_features, t.in_features, seen[t.name]) for t in sd15.targets("unet", "kohya")
+    )
     # 5 transformers at 16 × 16 (down 2, up 1), each with 8 1280×1280 targets, and the mid block
     assert by_shape[(1280, 1280, 256)] == 40 and by_shape[(1280, 1280, 64)] == 8
     assert {tokens for (m, n, tokens) in by_shape if (m, n) == (1280, 1280)} == {64, 256}
