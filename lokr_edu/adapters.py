@@ -26,11 +26,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lokr_edu.kron_apply import MODES, lokr_apply
-from lokr_edu.lowrank import _scale, adapter_shapes, loha_delta, lokr_delta, lokr_scale, lora_delta
+from lokr_edu.lowrank import (
+    adapter_shapes,
+    alpha_scale,
+    loha_delta,
+    lokr_delta,
+    lokr_scale,
+    lora_delta,
+)
 
 __all__ = [
+    "ADAPTERS",
     "ADAPTER_METHODS",
     "Adapter",
+    "LoRA",
+    "LoHa",
+    "LoKr",
+    "make_adapter",
     "AdapterLayer",
     "adapter_layers",
     "inject",
@@ -41,7 +53,6 @@ __all__ = [
     "unmerge",
 ]
 
-ADAPTER_METHODS = ("lora", "loha", "lokr")
 WRAPPABLE = (nn.Linear, nn.Conv2d)
 
 
@@ -51,42 +62,35 @@ def _param_name(key: str) -> str:
 
 
 class Adapter(nn.Module):
-    """One adapter's factors for one layer, and ΔW computed from them.
+    """What LoRA, LoHa and LoKr share: one adapter's factors for one layer, and ΔW from them.
 
-    Initialization makes ΔW = 0, so training starts from the base model, as in kohya / LyCORIS:
-    - LoRA: lora_down is Kaiming-uniform, lora_up is zero (ΔW = up·down = 0, and the gradient of
-      up is non-zero because down is not);
-    - LoHa: hada_w2_a is zero (one Hadamard factor is 0), the other three are random;
-    - LoKr: W2 is zero (lokr_w2, or lokr_w2_b when W2 is low-rank), W1 is Kaiming-uniform.
-    `alpha` is a buffer (it is not trained; files store it); alpha None means α = r. The scale
-    it implies (α/r, or LoKr's rule `lowrank.lokr_scale`) is a Python float, `self.scale`, fixed
-    here and refreshed when a state dict is loaded: forward never reads a tensor back to the
-    host (`.item()` would stall a GPU once per layer per step).
-    `shapes` (LyCORIS key -> shape) overrides the layout that `lowrank.adapter_shapes` derives
-    from the options: `lokr_edu.io` uses it to rebuild an adapter exactly as a file stores it.
+    A subclass names its `method`, the factors it initialises to zero (`zero_factors`, so that
+    ΔW = 0 and training starts from the base model, as in kohya / LyCORIS), and computes
+    `delta_weight()`; it may also apply ΔW to x without forming it (`apply`). The factors carry
+    LyCORIS's names and shapes, from `lowrank.adapter_shapes(method, ...)`; `shapes` (LyCORIS
+    key -> shape) overrides them: `lokr_edu.io` uses it to rebuild an adapter as a file stores it.
+    `alpha` is a buffer (not trained; files store it); alpha None (or 0, as kohya reads it)
+    means α = r. The scale it implies is a Python float, `self.scale`, fixed here and refreshed
+    when a state dict is loaded: forward never reads a tensor back to the host (`.item()`
+    would stall a GPU once per layer per step).
+    Build one with `make_adapter(method, base, rank, ...)` or the subclass itself.
     """
+
+    method: str = ""
+    zero_factors: tuple[str, ...] = ()
 
     def __init__(
         self,
-        method: str,
         base: nn.Linear | nn.Conv2d,
         rank: int,
         alpha: float | None = None,
         *,
-        factor: int = -1,
-        decompose_both: bool = False,
-        full_matrix: bool = False,
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         shapes: dict[str, tuple[int, ...]] | None = None,
-        lokr_mode: str = "auto",
+        **layout: object,  # factor, decompose_both, full_matrix: see lowrank.adapter_shapes
     ) -> None:
         super().__init__()
-        if lokr_mode not in MODES:
-            raise ValueError(f"lokr_mode must be one of {MODES}, got {lokr_mode!r}")
-        self.lokr_mode = lokr_mode
-        if method not in ADAPTER_METHODS:
-            raise ValueError(f"method must be one of {ADAPTER_METHODS}, got {method!r}")
         if not isinstance(base, WRAPPABLE):
             raise ValueError(f"base must be nn.Linear or nn.Conv2d, got {type(base).__name__}")
         if isinstance(base, nn.Conv2d) and base.groups != 1:
@@ -94,48 +98,30 @@ class Adapter(nn.Module):
         for label, p in [("rank_dropout", rank_dropout), ("module_dropout", module_dropout)]:
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{label} must be in [0, 1), got {p}")
-        self.method, self.rank = method, rank
+        self.rank = rank
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         weight = base.weight
         self.weight_shape = tuple(weight.shape)  # (m, n) or (m, n, kh, kw)
         m, n, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
         if shapes is None:
-            shapes = adapter_shapes(
-                method,
-                m,
-                n,
-                rank,
-                kernel_size=kernel or None,
-                factor=factor,
-                decompose_both=decompose_both,
-                full_matrix=full_matrix,
-            )
+            shapes = adapter_shapes(self.method, m, n, rank, kernel_size=kernel or None, **layout)
         options = {"device": weight.device, "dtype": weight.dtype}
         for key, shape in shapes.items():
-            if key == "alpha":
-                continue
-            setattr(self, _param_name(key), nn.Parameter(torch.empty(shape, **options)))
-        both_full = method == "lokr" and "lokr_w1" in shapes and "lokr_w2" in shapes
-        # alpha None (or 0, as kohya reads it) means α = r. LyCORIS stores alpha = r when both
-        # LoKr factors are full: no rank is involved, the scale is 1 regardless.
-        stored_alpha = float(rank) if not alpha or both_full else float(alpha)
+            if key != "alpha":
+                setattr(self, _param_name(key), nn.Parameter(torch.empty(shape, **options)))
+        stored_alpha = float(alpha) if alpha else float(rank)
         self.register_buffer("alpha", torch.tensor(stored_alpha, dtype=weight.dtype))
-        self._set_scale(stored_alpha)
-        self.register_load_state_dict_post_hook(Adapter._scale_from_buffer)
+        self._set_alpha(stored_alpha)
+        self.register_load_state_dict_post_hook(Adapter._alpha_from_buffer)
         self.reset_parameters()
 
-    def _set_scale(self, alpha: float) -> None:
-        """Cache α (a float) and the scale it gives: α/r for LoRA / LoHa, LoKr's rule for LoKr."""
-        self.alpha_value = alpha
-        if self.method == "lokr":
-            low_rank = getattr(self, "lokr_w1_a", getattr(self, "lokr_w2_a", None))  # (·, r)
-            self.scale = lokr_scale(alpha, None if low_rank is None else low_rank.shape[1])
-        else:
-            self.scale = _scale(alpha, self.rank)
+    def _set_alpha(self, alpha: float) -> None:
+        """Cache α and the scale α/r as Python floats (LoKr overrides the rule)."""
+        self.alpha_value, self.scale = alpha, alpha_scale(alpha, self.rank)
 
     @staticmethod
-    def _scale_from_buffer(module: Adapter, incompatible_keys: object) -> None:
-        module._set_scale(float(module.alpha))  # after load_state_dict: once, not per forward
+    def _alpha_from_buffer(module: Adapter, incompatible_keys: object) -> None:
+        module._set_alpha(float(module.alpha))  # after load_state_dict: once, not per forward
 
     @property
     def keys(self) -> list[str]:
@@ -145,88 +131,173 @@ class Adapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Zero the `zero_factors`; Kaiming-uniform for the others (LoHa overrides)."""
         for name, p in self.named_parameters(recurse=False):
-            zero = name in ("lora_up", "hada_w2_a", "lokr_w2", "lokr_w2_b")
-            if zero:
+            if name in self.zero_factors:
                 nn.init.zeros_(p)
-            elif name.startswith("hada"):
-                nn.init.normal_(p, std=1.0 if name.endswith("_b") else 0.1)
             else:
                 nn.init.kaiming_uniform_(p.view(p.shape[0], -1), a=math.sqrt(5))
 
     def delta_weight(self) -> Tensor:
-        """ΔW in the base weight's shape, (m, n) or (m, n, kh, kw), alpha/r applied, η not."""
-        alpha = self.alpha_value
-        if self.method == "lora":
-            delta = lora_delta(self.lora_down.flatten(1), self.lora_up.flatten(1), alpha)
-        elif self.method == "loha":
-            delta = loha_delta(
-                self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, alpha
-            )
-        else:
-            # a full conv W2 is (c, d, kh, kw); as a (c, d·kh·kw) matrix its Kronecker product
-            # with W1 (a, b) is exactly ΔW flattened to (a·c, b·d·kh·kw).
-            delta = lokr_delta(
-                w1=getattr(self, "lokr_w1", None),
-                w1a=getattr(self, "lokr_w1_a", None),
-                w1b=getattr(self, "lokr_w1_b", None),
-                w2=self.lokr_w2.flatten(1) if hasattr(self, "lokr_w2") else None,
-                w2a=getattr(self, "lokr_w2_a", None),
-                w2b=getattr(self, "lokr_w2_b", None),
-                alpha=alpha,
-            )
-        return delta.reshape(self.weight_shape)  # (m, n·kh·kw) -> (m, n, kh, kw)
+        """ΔW in the base weight's shape, (m, n) or (m, n, kh, kw), scale applied, η not."""
+        raise NotImplementedError
+
+    def apply_delta(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
+        """ΔW applied to x: by default, build ΔW and run the base layer's operation with it."""
+        y = _apply_weight(x, self.delta_weight(), base)
+        return self._drop_output_channels(y, base) if self.training else y
 
     def forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
         """ΔW applied to x with the base layer's convolution settings (no bias, no η)."""
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return torch.zeros((), dtype=x.dtype, device=x.device)
-        if self.method == "lora":
-            return self._lora_forward(x, base)
-        if self.method == "lokr":
-            return self._lokr_forward(x, base)
-        delta = self.delta_weight()
-        if self.training and self.rank_dropout:  # LyCORIS: drop whole output rows of ΔW
-            keep = torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout
-            delta = delta * keep.to(delta.dtype).view(-1, *[1] * (delta.dim() - 1))
-        return _apply_weight(x, delta, base)
+        return self.apply_delta(x, base)
 
-    def _lokr_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
-        """LoKr without building W1 ⊗ W2 when that is cheaper (kron_apply, chapter 04 §9)."""
-        W1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
-        if hasattr(self, "lokr_w2"):
-            W2 = self.lokr_w2  # (c, d) or (c, d, kh, kw)
-        else:
-            W2 = (self.lokr_w2_a, self.lokr_w2_b)  # (c, r), (r, d·kh·kw): kept apart, thin
+    def _drop_output_channels(self, y: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
+        """LyCORIS's rank dropout for LoHa / LoKr: drop whole output rows of ΔW, i.e. output
+        channels of ΔW·x, each with probability rank_dropout."""
+        return _drop_channels(y, self.rank_dropout, base, rescale=False)
+
+
+class LoRA(Adapter):
+    """LoRA (chapter 02): ΔW = (α/r)·up @ down, applied as up(down(x)), never formed.
+
+    lora_down (r, n[, kh, kw]) is Kaiming-uniform, lora_up (m, r[, 1, 1]) is zero: ΔW = 0, and
+    up's gradient is not, because down is not zero.
+    """
+
+    method = "lora"
+    zero_factors = ("lora_up",)
+
+    def delta_weight(self) -> Tensor:
+        delta = lora_delta(self.lora_down.flatten(1), self.lora_up.flatten(1), self.alpha_value)
+        return delta.reshape(self.weight_shape)  # (m, n·kh·kw) -> (m, n, kh, kw)
+
+    def apply_delta(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
+        hidden = _apply_weight(x, self.lora_down, base)  # (..., r) or (N, r, H', W')
+        if self.training:  # kohya's rank dropout: drop ranks, rescale the rest
+            hidden = _drop_channels(hidden, self.rank_dropout, base, rescale=True)
+        up = self.lora_up.to(hidden.dtype)
+        if isinstance(base, nn.Linear):
+            return F.linear(hidden, up) * self.scale
+        return F.conv2d(hidden, up) * self.scale
+
+
+class LoHa(Adapter):
+    """LoHa (chapter 03): ΔW = (α/r)·(w1a @ w1b) ⊙ (w2a @ w2b), built, then applied.
+
+    hada_w2_a is zero (one Hadamard factor is 0, so ΔW = 0); the other three are normal, the
+    "_b" factors with std 1 and the "_a" factors with std 0.1, as LyCORIS initialises them.
+    """
+
+    method = "loha"
+    zero_factors = ("hada_w2_a",)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters(recurse=False):
+            if name in self.zero_factors:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=1.0 if name.endswith("_b") else 0.1)
+
+    def delta_weight(self) -> Tensor:
+        delta = loha_delta(
+            self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.alpha_value
+        )
+        return delta.reshape(self.weight_shape)  # (m, n·kh·kw) -> (m, n, kh, kw)
+
+
+class LoKr(Adapter):
+    """LoKr (chapters 03–04): ΔW = scale·W1 ⊗ W2, applied without building it (`kron_apply`).
+
+    W1 (a × b) is lokr_w1, or lokr_w1_a @ lokr_w1_b; W2 (c × d[, kh, kw]) is lokr_w2, or
+    lokr_w2_a @ lokr_w2_b (the layout `lowrank.adapter_shapes` picks from the rank). W2 starts
+    at zero (lokr_w2, or lokr_w2_b), W1 Kaiming-uniform. The scale is `lowrank.lokr_scale`:
+    α/r with r read off a low-rank factor, 1 when both are full (LyCORIS then stores α = r).
+    `lokr_mode` picks how ΔW meets x: "auto", "reshape" or "materialize" (`lokr_apply`).
+    """
+
+    method = "lokr"
+    zero_factors = ("lokr_w2", "lokr_w2_b")
+
+    def __init__(self, *args: object, lokr_mode: str = "auto", **options: object) -> None:
+        if lokr_mode not in MODES:
+            raise ValueError(f"lokr_mode must be one of {MODES}, got {lokr_mode!r}")
+        self.lokr_mode = lokr_mode
+        super().__init__(*args, **options)
+
+    def _set_alpha(self, alpha: float) -> None:
+        names = dict(self.named_parameters(recurse=False))
+        low_rank = names.get("lokr_w1_a", names.get("lokr_w2_a"))  # (·, r), or None: both full
+        if low_rank is None:  # no rank: LyCORIS stores α = r, and the scale is 1 regardless
+            alpha = float(self.rank)
+            self.alpha.fill_(alpha)
+        self.alpha_value = alpha
+        self.scale = lokr_scale(alpha, None if low_rank is None else low_rank.shape[1])
+
+    def _w1(self) -> dict[str, Tensor]:
+        """W1 as lokr_delta's keywords: {"w1": (a, b)} or {"w1a": (a, r), "w1b": (r, b)}."""
+        names = dict(self.named_parameters(recurse=False))
+        if "lokr_w1" in names:
+            return {"w1": names["lokr_w1"]}
+        return {"w1a": names["lokr_w1_a"], "w1b": names["lokr_w1_b"]}
+
+    def _w2(self) -> dict[str, Tensor]:
+        """W2 as lokr_delta's keywords: {"w2": (c, d[, kh, kw])} or {"w2a": (c, r), "w2b": ...}."""
+        names = dict(self.named_parameters(recurse=False))
+        if "lokr_w2" in names:
+            return {"w2": names["lokr_w2"]}
+        return {"w2a": names["lokr_w2_a"], "w2b": names["lokr_w2_b"]}
+
+    def delta_weight(self) -> Tensor:
+        # a full conv W2 is (c, d, kh, kw); as a (c, d·kh·kw) matrix its Kronecker product
+        # with W1 (a, b) is exactly ΔW flattened to (a·c, b·d·kh·kw).
+        w2 = {k: v.flatten(1) if k == "w2" else v for k, v in self._w2().items()}
+        delta = lokr_delta(**self._w1(), **w2, alpha=self.alpha_value)
+        return delta.reshape(self.weight_shape)  # (m, n·kh·kw) -> (m, n, kh, kw)
+
+    def apply_delta(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
+        w1 = self._w1()
+        W1 = w1["w1"] if "w1" in w1 else w1["w1a"] @ w1["w1b"]  # (a, b): small, formed
+        w2 = self._w2()
+        W2 = w2["w2"] if "w2" in w2 else (w2["w2a"], w2["w2b"])  # (c, r), (r, d·kh·kw): thin
         conv = None
         if isinstance(base, nn.Conv2d):
             conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
         kernel_size = tuple(self.weight_shape[2:]) or None
         y = lokr_apply(x, W1, W2, self.scale, conv, mode=self.lokr_mode, kernel_size=kernel_size)
-        if self.training and self.rank_dropout:  # LyCORIS: drop whole output rows of ΔW
-            keep = (
-                torch.rand(y.shape[-1] if conv is None else y.shape[1], device=y.device)
-                > self.rank_dropout
-            )
-            y = (
-                y * keep.to(y.dtype).view(-1, *[1] * (y.dim() - 2))
-                if conv
-                else y * keep.to(y.dtype)
-            )
-        return y
+        return self._drop_output_channels(y, base) if self.training else y
 
-    def _lora_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
-        """LoRA on the fly (chapter 02): up(down(x))·α/r, never forming up·down."""
-        hidden = _apply_weight(x, self.lora_down, base)  # (..., r) or (N, r, H', W')
-        if self.training and self.rank_dropout:  # kohya: drop ranks, rescale the rest
-            shape = (
-                (hidden.shape[-1],) if isinstance(base, nn.Linear) else (1, hidden.shape[1], 1, 1)
-            )
-            keep = (torch.rand(shape, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
-            hidden = hidden * keep / (1.0 - self.rank_dropout)
-        if isinstance(base, nn.Linear):
-            return F.linear(hidden, self.lora_up.to(hidden.dtype)) * self.scale
-        return F.conv2d(hidden, self.lora_up.to(hidden.dtype)) * self.scale
+
+ADAPTERS: dict[str, type[Adapter]] = {"lora": LoRA, "loha": LoHa, "lokr": LoKr}
+ADAPTER_METHODS = tuple(ADAPTERS)
+
+
+def make_adapter(
+    method: str, base: nn.Linear | nn.Conv2d, rank: int, alpha: float | None = None, **options
+) -> Adapter:
+    """The adapter of `method` ("lora", "loha" or "lokr") for one layer; options go to its class
+    (rank_dropout, module_dropout, shapes; factor, decompose_both, full_matrix; lokr_mode)."""
+    if method not in ADAPTERS:
+        raise ValueError(f"method must be one of {ADAPTER_METHODS}, got {method!r}")
+    if method != "lokr" and "lokr_mode" in options:
+        if options["lokr_mode"] not in MODES:
+            raise ValueError(f"lokr_mode must be one of {MODES}, got {options['lokr_mode']!r}")
+        options = {k: v for k, v in options.items() if k != "lokr_mode"}  # LoKr's alone
+    return ADAPTERS[method](base, rank, alpha, **options)
+
+
+def _drop_channels(t: Tensor, p: float, base: nn.Module, *, rescale: bool) -> Tensor:
+    """Zero each channel of t (the last axis after a Linear, axis 1 after a Conv2d) with
+    probability p, and with `rescale` divide the kept ones by 1 − p (dropout's rule)."""
+    if not p:
+        return t
+    axis = t.dim() - 1 if isinstance(base, nn.Linear) else 1
+    shape = [1] * t.dim()
+    shape[axis] = t.shape[axis]
+    keep = (torch.rand(t.shape[axis], device=t.device) > p).to(t.dtype).view(shape)
+    return t * keep / (1.0 - p) if rescale else t * keep
 
 
 def _apply_weight(x: Tensor, weight: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
@@ -356,7 +427,7 @@ def inject(
         base = module.base if isinstance(module, AdapterLayer) else module
         if isinstance(module, AdapterLayer) and name in module.adapters:
             raise ValueError(f"name: {module_name} already has an adapter called {name!r}")
-        new[module_name] = Adapter(method, base, rank, alpha, **options)
+        new[module_name] = make_adapter(method, base, rank, alpha, **options)
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name, adapter in new.items():

@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lokr_edu.adapters import WRAPPABLE, Adapter, AdapterLayer, adapter_layers
+from lokr_edu.adapters import WRAPPABLE, Adapter, AdapterLayer, adapter_layers, make_adapter
 from lokr_edu.sd15 import kohya_key
 
 __all__ = [
@@ -541,7 +541,7 @@ def _plan(
             "number: it needs ()"
         )
     alpha = float(group["alpha"].item()) if "alpha" in group else None
-    adapter = Adapter(method, base, rank, alpha or None, shapes=expected)  # 0 or None: α = r
+    adapter = make_adapter(method, base, rank, alpha or None, shapes=expected)  # 0 or None: α = r
     with torch.no_grad():
         for parameter, value in adapter.named_parameters():
             value.copy_(group[_file_name(parameter)].to(value.dtype))

@@ -52,8 +52,9 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _scale(alpha: float | None, rank: int) -> float:
-    """α/r, where alpha None or 0 means α = r (the kohya / LyCORIS convention)."""
+def alpha_scale(alpha: float | None, rank: int) -> float:
+    """α/r, where alpha None or 0 means α = r (the kohya / LyCORIS convention): the scale of
+    LoRA and LoHa, and of LoKr when a factor is low-rank. Defined in chapter 02."""
     if alpha is None or alpha == 0:
         return 1.0
     return float(alpha) / rank
@@ -66,7 +67,7 @@ def lokr_scale(alpha: float | None, rank: int | None) -> float:
     The one home of this rule: `lokr_delta`, the adapter layers (chapter 04) and the file
     loader (`lokr_edu.io`) all call it. Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
-    return 1.0 if rank is None else _scale(alpha, rank)
+    return 1.0 if rank is None else alpha_scale(alpha, rank)
 
 
 def _product(name: str, a_name: str, a: Tensor, b_name: str, b: Tensor) -> Tensor:
@@ -101,7 +102,7 @@ def lora_delta(down: Tensor, up: Tensor, alpha: float | None = None) -> Tensor:
         )
     if r > min(m, n):
         raise ValueError(f"rank r = {r} (down.shape[0]) exceeds min(m, n) = {min(m, n)}")
-    return _scale(alpha, r) * (up @ down)  # (m, r) @ (r, n) -> (m, n)
+    return alpha_scale(alpha, r) * (up @ down)  # (m, r) @ (r, n) -> (m, n)
 
 
 def loha_delta(
@@ -125,7 +126,7 @@ def loha_delta(
     r = w1b.shape[0]
     if w2b.shape[0] != r:
         raise ValueError(f"w1b has rank {r} but w2b has rank {w2b.shape[0]}; they must agree")
-    return _scale(alpha, r) * (left * right)
+    return alpha_scale(alpha, r) * (left * right)
 
 
 def _lokr_half(
@@ -410,7 +411,7 @@ def lora_forward(
             f"down {tuple(down.shape)} and up {tuple(up.shape)} do not fit W {tuple(W.shape)}: "
             "down must be r × n and up m × r"
         )
-    scale = strength * _scale(alpha, down.shape[0])
+    scale = strength * alpha_scale(alpha, down.shape[0])
     return x @ W.T + scale * ((x @ down.T) @ up.T)  # (..., n) -> (..., r) -> (..., m)
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 import lokr_edu
 from lokr_edu.adapters import (
-    Adapter,
     AdapterLayer,
+    LoKr,
     adapter_layers,
     disable,
     enable,
@@ -197,10 +197,10 @@ def test_duplicate_adapter_name_and_unknown_name() -> None:
 
 def test_lokr_alpha_is_ignored_when_both_factors_are_full() -> None:
     base = nn.Linear(16, 16)
-    full = Adapter("lokr", base, rank=8, alpha=1.0)  # r ≥ max(c, d)/2: W2 full, W1 full
+    full = LoKr(base, rank=8, alpha=1.0)  # r ≥ max(c, d)/2: W2 full, W1 full
     assert {n for n, _ in full.named_parameters()} == {"lokr_w1", "lokr_w2"}
     assert full.alpha.item() == 8.0  # stored as r, as LyCORIS does: scale 1
-    low = Adapter("lokr", nn.Linear(64, 64), rank=2, alpha=1.0)
+    low = LoKr(nn.Linear(64, 64), rank=2, alpha=1.0)
     assert low.alpha.item() == 1.0 and hasattr(low, "lokr_w2_a")
 
 

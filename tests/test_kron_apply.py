@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lokr_edu.kron_apply as kron_apply
-from lokr_edu.adapters import Adapter, inject
+from lokr_edu.adapters import Adapter, LoKr, inject
 from lokr_edu.kron_apply import choose_mode, kron_linear, lokr_apply, lokr_costs
 
 TOLERANCE = 1e-5  # relative error, fp32
@@ -162,7 +162,7 @@ def test_lokr_adapter_matches_its_delta_weight(options, layer) -> None:
         x = torch.randn(2, 48, 7, 6, requires_grad=True)
     options = {"alpha": 5.0} | options
     for mode in ["reshape", "materialize", "auto"]:
-        adapter = Adapter("lokr", base, rank=2, lokr_mode=mode, **options)
+        adapter = LoKr(base, rank=2, lokr_mode=mode, **options)
         with torch.no_grad():
             for p in adapter.parameters():
                 p.normal_()
@@ -263,7 +263,7 @@ def test_bad_input_names_the_argument() -> None:
         ),
         ("vectors", lambda: lokr_costs(2, 2, 3, 3, vectors=0)),
         ("rank", lambda: lokr_costs(2, 2, 3, 3, vectors=1, rank=0)),
-        ("lokr_mode", lambda: Adapter("lokr", nn.Linear(4, 4), rank=1, lokr_mode="never")),
+        ("lokr_mode", lambda: LoKr(nn.Linear(4, 4), rank=1, lokr_mode="never")),
     ]
     for name, call in cases:
         with pytest.raises(ValueError, match=rf"^{name}\b"):
