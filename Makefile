@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-full-arch lint exercises notebooks clean
+.PHONY: install course test test-fast test-full-arch lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m lokr_edu.exercises check
 	$(BIN)/python -m pytest
+
+# The edit-test loop: lint and the unit tests in tests/, without executing the notebooks.
+test-fast: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests -o addopts="" -p no:cacheprovider -p no:nbval -m "not full_arch" -q
 
 # Opt-in: one LoKr training step of the full-size SD1.5 U-Net (random weights) on the CPU.
 test-full-arch: $(INSTALLED)

@@ -11,7 +11,7 @@ r ≥ max(c, d)/2) and the same factor values:
     base                  the frozen layer alone (every adapter adds to this floor)
     lokr_edu reshape      LoKr applied as W1·X·W2ᵀ, never building W1 ⊗ W2 (lokr_edu.kron_apply)
     lokr_edu materialize  lokr_edu's LoKr forced to build ΔW = W1 ⊗ W2 and multiply by it
-    lokr_edu auto         lokr_edu's default: the cost model picks one of the two
+    lokr_edu auto         lokr_edu's default: a fixed rule (kron_apply.auto_mode) picks one
     peft                  peft's LoKr (rebuilds ΔW with torch.kron at every forward)
     lycoris               lycoris-lora's LoKr, default mode (rebuilds ΔW at every forward)
     lycoris bypass        lycoris-lora's LoKr with bypass_mode=True (applies W1·X·W2ᵀ)
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lokr_edu.adapters import inject
-from lokr_edu.kron_apply import choose_mode
+from lokr_edu.kron_apply import auto_mode
 from lokr_edu.lowrank import adapter_shapes, lokr_factors
 
 RESULTS = Path(__file__).parent / "results"
@@ -221,8 +221,7 @@ def run(shapes=SHAPES, tokens=TOKENS, steps: int = STEPS, variants=VARIANTS) -> 
                 shift = round_ % len(variants)
                 for v in variants[shift:] + variants[:shift]:
                     times[v].append(runners[v].timed_step())
-            rank = RANK if "lokr_w2_a" in values else None  # what lokr_apply passes to it
-            pick = choose_mode(a, b, c, d, BATCH * n_tokens, backward=True, rank=rank)
+            pick = auto_mode(a, b, c, d)  # what lokr_apply(mode="auto") runs
             for v in variants:
                 rows.append(
                     {
@@ -324,7 +323,7 @@ def write_results(rows: list[dict], seconds_total: float) -> str:
         "One training step (forward + backward with the input requiring grad + Adam) of one "
         "adapted nn.Linear, batch 2, rank 8, α = 8, the same LoKr factor values everywhere. "
         "Each cell: median of 5 steps in ms, then the ratio to the frozen base layer alone and "
-        "to peft's LoKr. `auto` is the mode lokr_edu's cost model picks for training.",
+        "to peft's LoKr. `auto` is the mode lokr_edu's default rule (`auto_mode`) picks.",
         "",
         "## Time",
         "",

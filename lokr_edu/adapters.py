@@ -131,12 +131,16 @@ class Adapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Zero the `zero_factors`; Kaiming-uniform for the others (LoHa overrides)."""
+        """Zero the `zero_factors`, and draw the others at random (`init_random`)."""
         for name, p in self.named_parameters(recurse=False):
             if name in self.zero_factors:
                 nn.init.zeros_(p)
             else:
-                nn.init.kaiming_uniform_(p.view(p.shape[0], -1), a=math.sqrt(5))
+                self.init_random(name, p)
+
+    def init_random(self, name: str, p: nn.Parameter) -> None:
+        """Kaiming-uniform, as nn.Linear initialises its weight (LoHa overrides)."""
+        nn.init.kaiming_uniform_(p.view(p.shape[0], -1), a=math.sqrt(5))
 
     def delta_weight(self) -> Tensor:
         """ΔW in the base weight's shape, (m, n) or (m, n, kh, kw), scale applied, η not."""
@@ -193,13 +197,8 @@ class LoHa(Adapter):
     method = "loha"
     zero_factors = ("hada_w2_a",)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for name, p in self.named_parameters(recurse=False):
-            if name in self.zero_factors:
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, std=1.0 if name.endswith("_b") else 0.1)
+    def init_random(self, name: str, p: nn.Parameter) -> None:
+        nn.init.normal_(p, std=1.0 if name.endswith("_b") else 0.1)
 
     def delta_weight(self) -> Tensor:
         delta = loha_delta(

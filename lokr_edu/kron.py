@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from lokr_edu.validate import require_int, require_matrix
+
 __all__ = [
     "kron",
     "kron_singular_values",
@@ -28,14 +30,6 @@ __all__ = [
 ]
 
 
-def _require_matrix(name: str, M: object) -> torch.Tensor:
-    if not isinstance(M, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(M).__name__}")
-    if M.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got a tensor of shape {tuple(M.shape)}")
-    return M
-
-
 def kron(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """A ⊗ B for 2-D A (m×n) and B (p×q): the (m·p)×(n·q) matrix with block (i, j) = a_ij·B.
 
@@ -43,8 +37,8 @@ def kron(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     is exactly A ⊗ B once rows (i, k) and columns (j, l) are merged, row-major.
     Section 1 of chapter 01.
     """
-    _require_matrix("A", A)
-    _require_matrix("B", B)
+    require_matrix("A", A)
+    require_matrix("B", B)
     m, n = A.shape
     p, q = B.shape
     blocks = A[:, None, :, None] * B[None, :, None, :]  # (m, p, n, q): [i, k, j, l]
@@ -57,8 +51,8 @@ def kron_singular_values(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     From the SVDs A = U_A Σ_A V_Aᵀ and B = U_B Σ_B V_Bᵀ and the mixed-product rule,
     A ⊗ B = (U_A ⊗ U_B)(Σ_A ⊗ Σ_B)(V_A ⊗ V_B)ᵀ is itself an SVD. Section 3 of chapter 01.
     """
-    _require_matrix("A", A)
-    _require_matrix("B", B)
+    require_matrix("A", A)
+    require_matrix("B", B)
     s_a = torch.linalg.svdvals(A)  # (min(m, n),)
     s_b = torch.linalg.svdvals(B)  # (min(p, q),)
     products = torch.outer(s_a, s_b).flatten()  # (min(m, n)·min(p, q),)
@@ -72,7 +66,7 @@ def numerical_rank(M: torch.Tensor, rtol: float | None = None) -> int:
     `torch.linalg.matrix_rank` and NumPy. In exact arithmetic rank(A ⊗ B) = rank(A)·rank(B)
     always; under a tolerance the two sides can differ (section 3 of chapter 01).
     """
-    _require_matrix("M", M)
+    require_matrix("M", M)
     if rtol is None:
         rtol = max(M.shape) * torch.finfo(M.dtype).eps
     if rtol < 0:
@@ -85,7 +79,7 @@ def numerical_rank(M: torch.Tensor, rtol: float | None = None) -> int:
 
 def vec(X: torch.Tensor) -> torch.Tensor:
     """The textbook vec: stack the columns of X (r×c) into one vector of length r·c."""
-    _require_matrix("X", X)
+    require_matrix("X", X)
     return X.T.reshape(-1)  # column j of X becomes entries j·r … j·r + r - 1
 
 
@@ -105,8 +99,8 @@ def kron_matvec(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> torch.Tens
     (A ⊗ B) x = flatten(A · X · Bᵀ). (The column-stacking form is (A ⊗ B) vec(X) = vec(B X Aᵀ).)
     Costs 2·n·p·(q + m) multiply-adds per vector instead of 2·m·p·n·q. Section 4 of chapter 01.
     """
-    _require_matrix("A", A)
-    _require_matrix("B", B)
+    require_matrix("A", A)
+    require_matrix("B", B)
     m, n = A.shape
     p, q = B.shape
     if x.shape[-1] != n * q:
@@ -127,8 +121,7 @@ def kron_matvec_cost(m: int, n: int, p: int, q: int, batch: int = 1) -> dict[str
     Section 4 of chapter 01.
     """
     for name, value in {"m": m, "n": n, "p": p, "q": q, "batch": batch}.items():
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+        require_int(name, value)
     return {
         "materialized_flops": m * p * n * q + 2 * m * p * n * q * batch,
         "materialized_elements": m * p * n * q,
@@ -147,8 +140,7 @@ def factorize(dim: int, factor: int = -1) -> tuple[int, int]:
       at most `factor`.
     Defined in chapter 01, section 5.
     """
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    require_int("dim", dim)
     if isinstance(factor, bool) or not isinstance(factor, int) or (factor < 1 and factor != -1):
         raise ValueError(f"factor must be -1 (no cap) or a positive integer, got {factor!r}")
     if factor > 0 and dim % factor == 0:

@@ -27,8 +27,11 @@ full-size tensors are the output (and in backward, the input's gradient).
 A convolution splits the same way: ΔW's block (i, j) is W1[i, j]·W2, so conv(x, ΔW) convolves
 each group of d input channels with W2 (c, d, kh, kw) and then mixes the b groups with W1.
 
-`lokr_apply(..., mode="auto")` picks "reshape" or "materialize" with the cost model
-`lokr_costs` / `choose_mode`; mode="reshape" or "materialize" forces one.
+The reshape path is purely a speed and memory optimisation of `kron_matvec`: it computes the
+same numbers, to rounding, and the tests hold it to that. `lokr_apply(..., mode="auto")` takes it
+for every layer but tiny ones (`auto_mode`, a fixed rule); mode="reshape" or "materialize"
+forces one. The cost model (`lokr_costs`, `lokr_seconds`, `choose_mode`) is chapter 04's
+material: it explains where that rule draws its line, and the rates it assumes are a CPU's.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lokr_edu.kron import kron_matvec_cost
+from lokr_edu.validate import require_int
 
 __all__ = [
     "MODES",
     "lokr_costs",
     "lokr_seconds",
     "choose_mode",
+    "auto_mode",
     "compute_dtype",
     "kron_linear",
     "lokr_apply",
@@ -65,6 +70,9 @@ SECONDS_PER_KERNEL = 1e-5
 # product runs at full speed and there are few kernel launches.
 CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK = 256  # vectors: below this, launching kernels costs more than the chunk's work
+# `auto_mode`: a ΔW of at most this many elements is built (a 128 × 128 layer); the cost model
+# puts the switch there for every number of vectors (chapter 04).
+SMALL_DELTA = 128 * 128
 
 
 def _chunk(vectors: int, width: int) -> int:
@@ -122,10 +130,9 @@ def lokr_costs(
     """
     sizes = {"a": a, "b": b, "c": c, "d": d, "vectors": vectors, "kernel": kernel}
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be None or a positive integer, got {rank!r}")
+        require_int(name, value)
+    if rank is not None:
+        require_int("rank", rank)
     N, dk = vectors, d * kernel  # dk: what W2 contracts per group, d channels × the window
     dense = kron_matvec_cost(a, b, c, dk, batch=N)
     delta = dense["materialized_elements"]  # m·n·kernel
@@ -210,6 +217,23 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if x.is_floating_point() and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def auto_mode(a: int, b: int, c: int, d: int, kernel: int = 1) -> str:
+    """The path `lokr_apply(mode="auto")` takes for W1 (a × b) ⊗ W2 (c × d × kernel, kernel =
+    kh·kw for a Conv2d): "materialize" when ΔW has at most SMALL_DELTA = 128² elements, or when
+    the reshape path saves no FLOPs (a·d ≤ a + d: a factor of width 1, or both 2); "reshape"
+    otherwise.
+
+    Per vector, reshape does a·d/(a + d) times fewer FLOPs than a dense ΔW and keeps nothing of
+    ΔW's size for backward; for a tiny ΔW, building it takes microseconds and the reshape
+    path's dozen kernel launches cost more. The cost model (`lokr_costs`, `choose_mode`,
+    chapter 04) draws the line at about a 128 × 128 layer, whatever the number of vectors, and
+    every SD1.5 layer is far above it: the rule keeps its verdict without evaluating the model at
+    every call. Either way the result is the same, to rounding.
+    """
+    small = a * b * c * d * kernel <= SMALL_DELTA
+    return "materialize" if small or a * d <= a + d else "reshape"
 
 
 def _swap_rows(t: Tensor, p: int, q: int) -> Tensor:
@@ -417,10 +441,10 @@ def lokr_apply(
     W2 may also be given as its low-rank factors (w2a (c × r), w2b (r × d·kh·kw)), LyCORIS's
     lokr_w2_a / lokr_w2_b; a Conv2d then needs kernel_size (kh, kw). Where that is fewer FLOPs
     they are applied one after the other, (I ⊗ w2a)(W1 ⊗ w2b), and W2 is never formed.
-    mode "reshape" never builds W1 ⊗ W2, "materialize" builds it and multiplies, "auto" asks
-    `choose_mode`, with the layer's shapes, the number of vectors and whether a backward pass
-    will follow (inference under no_grad counts the forward only). Gradients flow to x and every
-    factor on both paths. Defined in chapter 04.
+    mode "reshape" never builds W1 ⊗ W2, "materialize" builds it and multiplies, "auto" follows
+    the simple rule `auto_mode` (reshape for every layer but tiny ones). Both paths compute the
+    same numbers, to rounding: the choice is one of speed and memory only. Gradients flow to x
+    and every factor on both paths. Defined in chapter 04.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -435,7 +459,6 @@ def lokr_apply(
             raise ValueError(
                 f"x must end in n = b·d = {b}·{d} = {b * d} features, got {tuple(x.shape)}"
             )
-        vectors = x.numel() // (b * d)
     else:
         if not isinstance(conv, dict) or set(conv) != {"stride", "padding", "dilation"}:
             raise ValueError("conv must be a dict with exactly the keys stride, padding, dilation")
@@ -450,15 +473,11 @@ def lokr_apply(
             d //= kernel
         if x.dim() != 4 or x.shape[1] != b * d:
             raise ValueError(f"x must be (B, b·d = {b * d}, H, W), got {tuple(x.shape)}")
-        vectors = x.shape[0] * x.shape[2] * x.shape[3]  # ≈ B·H'·W' (exact for stride 1)
     rank = None if B is None else B.shape[0]
     if x.numel() == 0:
         mode = "materialize"
     elif mode == "auto":
-        backward = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, W1, A, B) if t is not None
-        )
-        mode = choose_mode(a, b, c, d, vectors, kernel, backward=backward, rank=rank)
+        mode = auto_mode(a, b, c, d, kernel)
     # Every product runs in one dtype: autocast's (fp16 / bf16) where it is on for x's device, as
     # F.linear would; else x's. The casts are differentiable, so fp32 factors get fp32 gradients.
     dtype = compute_dtype(x)

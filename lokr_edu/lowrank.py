@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lokr_edu.validate import require_int, require_matrix
+
 METHODS = ("full", "lora", "loha", "lokr", "lokr_writeup")
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -34,22 +36,6 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 # ---------------------------------------------------------------------------------------------
 # validation helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _matrix(name: str, t: object) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be a matrix (2-D), got shape {tuple(t.shape)}")
-    if 0 in t.shape:
-        raise ValueError(f"{name} has an empty dimension: shape {tuple(t.shape)}")
-    return t
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def alpha_scale(alpha: float | None, rank: int) -> float:
@@ -93,7 +79,10 @@ def lora_delta(down: Tensor, up: Tensor, alpha: float | None = None) -> Tensor:
     1 ≤ r ≤ min(m, n): a larger r stores more numbers than it can use.
     Defined in chapter 02 (02_peft_and_lora.ipynb).
     """
-    down, up = _matrix("down", down), _matrix("up", up)
+    down, up = (
+        require_matrix("down", down),
+        require_matrix("up", up),
+    )
     r = down.shape[0]
     m, n = up.shape[0], down.shape[1]
     if up.shape[1] != r:
@@ -114,8 +103,14 @@ def loha_delta(
     Hadamard product of two rank-r matrices has rank ≤ r², for 2r(m + n) numbers.
     Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
-    w1a, w1b = _matrix("w1a", w1a), _matrix("w1b", w1b)
-    w2a, w2b = _matrix("w2a", w2a), _matrix("w2b", w2b)
+    w1a, w1b = (
+        require_matrix("w1a", w1a),
+        require_matrix("w1b", w1b),
+    )
+    w2a, w2b = (
+        require_matrix("w2a", w2a),
+        require_matrix("w2b", w2b),
+    )
     left = _product("loha_delta", "w1a", w1a, "w1b", w1b)  # (m, n)
     right = _product("loha_delta", "w2a", w2a, "w2b", w2b)  # (m, n)
     if left.shape != right.shape:
@@ -137,10 +132,13 @@ def _lokr_half(
     if full is not None:
         if a is not None or b is not None:
             raise ValueError(f"give either {names[0]} or ({names[1]}, {names[2]}), not both")
-        return _matrix(names[0], full), None
+        return require_matrix(names[0], full), None
     if a is None or b is None:
         raise ValueError(f"give either {names[0]} or both of ({names[1]}, {names[2]})")
-    a, b = _matrix(names[1], a), _matrix(names[2], b)
+    a, b = (
+        require_matrix(names[1], a),
+        require_matrix(names[2], b),
+    )
     return _product("lokr_delta", names[1], a, names[2], b), a.shape[1]
 
 
@@ -177,7 +175,7 @@ def lokr_delta_writeup(A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
     The same ΔW as `lokr_delta(w1a=A, w1b=B.T, w2a=C, w2b=D.T)` with scale 1.
     Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
-    A, B, C, D = (_matrix(k, v) for k, v in zip("ABCD", (A, B, C, D), strict=True))
+    A, B, C, D = (require_matrix(k, v) for k, v in zip("ABCD", (A, B, C, D), strict=True))
     left = _product("lokr_delta_writeup", "A", A, "B.T", B.T)  # (a, r) @ (r, b) -> (a, b)
     right = _product("lokr_delta_writeup", "C", C, "D.T", D.T)  # (c, r) @ (r, d) -> (c, d)
     return torch.kron(left, right)  # (a·c, b·d)
@@ -194,7 +192,7 @@ def _kernel(kernel_size: int | Sequence[int] | None) -> tuple[int, ...]:
         return ()
     k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     for v in k:
-        _positive_int("kernel_size", v)
+        require_int("kernel_size", v)
     return k
 
 
@@ -209,8 +207,8 @@ def lokr_factors(
     """
     from lokr_edu.kron import factorize  # lazy: kron.py is chapter 01's module
 
-    m = _positive_int("out_features", out_features)
-    n = _positive_int("in_features", in_features)
+    m = require_int("out_features", out_features)
+    n = require_int("in_features", in_features)
     a, c = factorize(m, factor)
     b, d = factorize(n, factor)
     return (a, b), (c, d)
@@ -243,13 +241,13 @@ def adapter_shapes(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    m = _positive_int("out_features", out_features)
-    n = _positive_int("in_features", in_features)
+    m = require_int("out_features", out_features)
+    n = require_int("in_features", in_features)
     k = _kernel(kernel_size)
     kk = math.prod(k)
     if method == "full":
         return {"diff": (m, n, *k)}
-    r = _positive_int("rank", rank)
+    r = require_int("rank", rank)
     if method == "lora":
         if r > min(m, n * kk):
             raise ValueError(f"rank = {r} exceeds min(out, in·kh·kw) = {min(m, n * kk)}")
@@ -330,10 +328,8 @@ def file_size_bytes(n_params: int, dtype: torch.dtype = torch.float16, n_alphas:
     number of layers as n_alphas. The safetensors header comes on top: `safetensors_size_bytes`.
     Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
-    if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 0:
-        raise ValueError(f"n_params must be a non-negative integer, got {n_params!r}")
-    if isinstance(n_alphas, bool) or not isinstance(n_alphas, int) or n_alphas < 0:
-        raise ValueError(f"n_alphas must be a non-negative integer, got {n_alphas!r}")
+    require_int("n_params", n_params, least=0)
+    require_int("n_alphas", n_alphas, least=0)
     return (n_params + n_alphas) * _itemsize(dtype)
 
 
@@ -379,8 +375,8 @@ def best_rank_r(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     rank ≤ r is closer to W in the Frobenius (or spectral) norm; the error is
     ‖W − up @ down‖_F = sqrt(σ_{r+1}² + σ_{r+2}² + …). Defined in chapter 02.
     """
-    W = _matrix("W", W)
-    rank = _positive_int("rank", rank)
+    W = require_matrix("W", W)
+    rank = require_int("rank", rank)
     if rank > min(W.shape):
         raise ValueError(
             f"rank r = {rank} exceeds min(m, n) = {min(W.shape)} for W {tuple(W.shape)}"
@@ -403,7 +399,11 @@ def lora_forward(
     2mn of a fused weight W + η·ΔW, but W stays untouched, so η can change at every call.
     Defined in chapter 02 (02_peft_and_lora.ipynb).
     """
-    W, down, up = _matrix("W", W), _matrix("down", down), _matrix("up", up)
+    W, down, up = (
+        require_matrix("W", W),
+        require_matrix("down", down),
+        require_matrix("up", up),
+    )
     if x.shape[-1] != W.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but W is {tuple(W.shape)} (m × n)")
     if down.shape[1] != W.shape[1] or up.shape[0] != W.shape[0] or up.shape[1] != down.shape[0]:
@@ -423,10 +423,10 @@ def lora_forward_flops(
     fused:      merge once (2·m·r·n, plus m·n adds), then 2·m·n per token.
     on_the_fly: 2·m·n + 2·r·(m + n) per token, no merge. Defined in chapter 02.
     """
-    m = _positive_int("out_features", out_features)
-    n = _positive_int("in_features", in_features)
-    r = _positive_int("rank", rank)
-    t = _positive_int("tokens", tokens)
+    m = require_int("out_features", out_features)
+    n = require_int("in_features", in_features)
+    r = require_int("rank", rank)
+    t = require_int("tokens", tokens)
     return {
         "fused_merge": 2 * m * r * n + m * n,
         "fused_per_token": 2 * m * n,

@@ -30,8 +30,41 @@ def test_one_tiny_configuration_gives_well_formed_rows(bench) -> None:
         assert r["auto"] in ("reshape", "materialize")
         assert r["layout"] == "W1 4×4 full, W2 6×5 full"  # r = 8 ≥ max(6, 5)/2: W2 full
     assert rows[0]["extra_mib"] == 0.0  # the base is the reference
-    lines = bench.checks(rows)
-    assert lines and all(line.startswith(("- PASS", "- FAIL")) for line in lines)
+
+
+def synthetic_rows(bench, seconds: dict[str, float], mib: dict[str, float]) -> list[dict]:
+    """One 1280×1280, 4096-token group with the given times and memory per variant."""
+    return [
+        {
+            "shape": "1280×1280",
+            "tokens": 4096,
+            "variant": v,
+            "seconds": seconds[v],
+            "extra_mib": mib[v],
+            "layout": "",
+            "auto": "reshape",
+        }
+        for v in bench.VARIANTS
+    ]
+
+
+def test_checks_pass_and_fail_on_the_numbers(bench) -> None:
+    """The targets are computed from the rows: a run that meets them passes every line, and a
+    run where lokr_edu is slower than peft and heavier than lycoris fails exactly those."""
+    seconds = dict.fromkeys(bench.VARIANTS, 1.0)
+    seconds |= {"lokr_edu auto": 0.5, "lokr_edu reshape": 0.5, "lokr_edu materialize": 0.9}
+    mib = dict.fromkeys(bench.VARIANTS, 100.0) | {"lokr_edu auto": 10.0, "base": 0.0}
+    good = bench.checks(synthetic_rows(bench, seconds, mib))
+    assert len(good) == 7 and all(line.startswith("- PASS") for line in good), good
+
+    seconds["lokr_edu auto"] = 1.2  # slower than peft (1.0)
+    mib["lokr_edu auto"] = 100.0  # not below the references
+    bad = bench.checks(synthetic_rows(bench, seconds, mib))
+    failed = [line for line in bad if line.startswith("- FAIL")]
+    assert any("1.20× peft (target ≤ 0.55)" in line for line in failed)
+    assert any("no slower than peft at 0 of 1" in line for line in failed)
+    assert any("peak memory" in line and "not below" in line for line in failed)
+    assert not any("auto picked" in line for line in failed)  # auto still names the faster mode
 
 
 def test_machine_line_names_cpu_threads_and_torch(bench) -> None:

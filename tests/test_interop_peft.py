@@ -109,6 +109,7 @@ def test_lokr_with_both_factors_full_matches_peft_when_alpha_equals_r(layer: str
     assert_same(ours, theirs, x)
 
 
+@pytest.mark.upstream
 def test_lokr_with_both_factors_full_differs_from_peft_by_alpha_over_r() -> None:
     """A difference of convention: with W1 and W2 both full there is no rank in ΔW, and
     LyCORIS (so lokr_edu) uses scale 1 and ignores α; peft still multiplies by α/r."""
@@ -119,6 +120,7 @@ def test_lokr_with_both_factors_full_differs_from_peft_by_alpha_over_r() -> None
     assert torch.allclose(peft_delta, (2.0 / 8) * ours_delta, atol=1e-6)
 
 
+@pytest.mark.upstream
 def test_lokr_factorization_differs_from_peft_when_factor_divides_and_exceeds_sqrt() -> None:
     """peft returns (factor, dim/factor) unsorted; LyCORIS and lokr_edu put the smaller first.
     With factor 16 on a 64 × 64 layer, peft's W1 is 16 × 16 and its W2 4 × 4; lokr_edu's W1 is
@@ -136,6 +138,7 @@ def test_lokr_factorization_differs_from_peft_when_factor_divides_and_exceeds_sq
     assert tuple(ours[0].adapters["default"].lokr_w1.shape) == (4, 4)
 
 
+@pytest.mark.upstream
 def test_lokr_initialization_differs_from_peft_but_both_start_at_zero() -> None:
     """Both make ΔW = 0 at the start, by zeroing different factors: peft's default zeroes W1,
     LyCORIS and lokr_edu zero W2 (peft's init_weights="lycoris" does the same as LyCORIS)."""

@@ -137,6 +137,7 @@ def test_factorize_special_cases() -> None:
     assert factorize(128, 64) == (2, 64)  # factor divides: sorted
 
 
+@pytest.mark.upstream
 def test_peft_differs_only_by_order_when_factor_divides() -> None:
     for dim in range(1, 1025):
         for factor in [-1, 2, 4, 8, 16, 64]:

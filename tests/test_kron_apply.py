@@ -12,6 +12,7 @@ from torch import nn
 import lokr_edu.kron_apply as kron_apply
 from lokr_edu.adapters import Adapter, LoKr, inject
 from lokr_edu.kron_apply import choose_mode, kron_linear, lokr_apply, lokr_costs
+from lokr_edu.lowrank import adapter_shapes
 
 TOLERANCE = 1e-5  # relative error, fp32
 
@@ -213,23 +214,54 @@ def test_cost_model_choices() -> None:
     assert choose_mode(1, 1, 7, 5, vectors=3) == "materialize"
 
 
-def test_auto_follows_the_cost_model(monkeypatch) -> None:
-    seen = []
-    original = kron_apply.choose_mode
+def test_auto_rule_agrees_with_the_cost_model_away_from_its_boundary() -> None:
+    """auto_mode is a fixed rule; the cost model it summarises gives the same verdict for the toy
+    layers (materialize) and SD1.5's layers (reshape), for training and inference, at every
+    number of vectors."""
+    layers = {  # (m, n): LyCORIS's layout at r = 8
+        "toy": [(16, 32), (32, 32), (48, 20), (64, 48), (64, 64), (96, 96)],
+        "sd15": [(320, 320), (640, 640), (1280, 1280), (640, 768), (2560, 320), (1280, 5120)],
+    }
+    for kind, shapes in layers.items():
+        for m, n in shapes:
+            s = adapter_shapes("lokr", m, n, 8)
+            (a, b) = s["lokr_w1"]
+            if "lokr_w2" in s:
+                (c, d), rank = s["lokr_w2"], None
+            else:
+                (c, rank), d = s["lokr_w2_a"], s["lokr_w2_b"][1]
+            rule = kron_apply.auto_mode(a, b, c, d)
+            assert rule == ("materialize" if kind == "toy" else "reshape"), (m, n)
+            for vectors in [1, 16, 154, 1024, 8192]:
+                for backward in [False, True]:
+                    model = choose_mode(a, b, c, d, vectors, backward=backward, rank=rank)
+                    assert model == rule, (m, n, vectors, backward)
 
-    def spy(*args, **kwargs):
-        seen.append((args, kwargs))
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(kron_apply, "choose_mode", spy)
-    W1, W2, _, _ = factors(3, 4, 5, 2)
-    lokr_apply(torch.randn(2, 6, 8), W1, W2)  # W1, W2 require grad: training
-    with torch.no_grad():
-        lokr_apply(torch.randn(2, 6, 8), W1, W2)  # inference
-    assert seen[0] == ((3, 4, 5, 2, 12, 1), {"backward": True, "rank": None})
-    assert seen[1][1]["backward"] is False
-    lokr_apply(torch.randn(2, 8), W1, W2, mode="reshape")  # forced: no cost model
-    assert len(seen) == 2
+def test_auto_rule_edges() -> None:
+    assert kron_apply.auto_mode(8, 8, 16, 16) == "materialize"  # 128 × 128: at the line
+    assert kron_apply.auto_mode(10, 10, 16, 16) == "reshape"  # 160 × 160
+    assert kron_apply.auto_mode(16, 16, 20, 20) == "reshape"  # 320 × 320
+    assert kron_apply.auto_mode(4, 4, 8, 8) == "materialize"  # a 32-channel 1×1 conv
+    assert kron_apply.auto_mode(4, 4, 8, 8, kernel=9) == "materialize"  # 3×3: 9216 elements
+    assert kron_apply.auto_mode(4, 8, 8, 8, kernel=9) == "reshape"  # 32 -> 64 channels, 3×3
+    assert kron_apply.auto_mode(1, 1, 1283, 1280) == "materialize"  # prime m: W1 is 1 × 1
+    assert kron_apply.auto_mode(2, 40, 640, 2) == "materialize"  # a = d = 2: no FLOPs saved
+
+
+def test_auto_takes_the_rule(monkeypatch) -> None:
+    """lokr_apply(mode="auto") runs the path auto_mode names, and evaluates no cost model."""
+    monkeypatch.setattr(kron_apply, "choose_mode", None)  # calling it would fail
+    monkeypatch.setattr(kron_apply, "lokr_costs", None)
+    calls = []
+    kron = torch.kron
+    monkeypatch.setattr(torch, "kron", lambda *args: calls.append(1) or kron(*args))
+    W1, W2, _, _ = factors(3, 4, 5, 2)  # ΔW 15 × 8: tiny, materialized
+    lokr_apply(torch.randn(2, 6, 8), W1, W2)
+    assert calls == [1]
+    W1, W2, _, _ = factors(10, 10, 16, 16)  # 160 × 160: reshaped
+    lokr_apply(torch.randn(2, 3, 160), W1, W2)
+    assert calls == [1]
 
 
 def test_forced_modes_are_obeyed(monkeypatch) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lokr_edu.lowrank import best_rank_r, lora_delta, lora_forward, lora_forward_flops
 
@@ -36,9 +37,15 @@ def test_lora_forward_matches_the_merged_weight_and_strength() -> None:
         randn(6, 2, seed=3),
         randn(4, 5, seed=4),
     )
+    # ΔW by its definition, independently of lora_delta: a sum of r outer products, times α/r
+    r = down.shape[0]
+    delta = sum(torch.outer(up[:, i], down[i]) for i in range(r)) * (4.0 / r)
+    assert torch.allclose(lora_delta(down, up, alpha=4.0), delta)
     for eta in [0.0, 0.5, 1.0, -1.0, 2.0]:
-        merged = W + eta * lora_delta(down, up, alpha=4.0)
-        assert torch.allclose(lora_forward(x, W, down, up, alpha=4.0, strength=eta), x @ merged.T)
+        # y_k = Σ_j (W + η·ΔW)_kj x_j, entry by entry
+        merged = W + eta * delta
+        expected = torch.stack([torch.mv(merged, row) for row in x])
+        assert torch.allclose(lora_forward(x, W, down, up, alpha=4.0, strength=eta), expected)
     assert torch.equal(lora_forward(x, W, down, up, strength=0.0), x @ W.T)
 
 
@@ -57,13 +64,26 @@ def test_lora_forward_matches_a_real_peft_lora_layer() -> None:
     assert torch.allclose(peft_model(x).double(), ours, atol=1e-5)
 
 
-def test_lora_forward_flops() -> None:
-    f = lora_forward_flops(3072, 768, 32, tokens=77)
-    assert f["fused_per_token"] == 2 * 3072 * 768
-    assert f["on_the_fly_per_token"] - f["fused_per_token"] == 2 * 32 * (3072 + 768)
-    assert f["fused_merge"] == 2 * 3072 * 32 * 768 + 3072 * 768
-    assert f["fused_total"] == f["fused_merge"] + 77 * f["fused_per_token"]
-    assert f["on_the_fly_total"] == 77 * f["on_the_fly_per_token"]
+def counted_flops(compute) -> int:
+    """FLOPs torch's own counter records for the products `compute` runs (2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        compute()
+    return counter.get_total_flops()
+
+
+def test_lora_forward_flops_match_torchs_flop_counter() -> None:
+    """The counts of chapter 02, checked against torch.utils.flop_counter on the real products
+    (the counter counts matrix products only; the merge's m·n additions are added by hand)."""
+    m, n, r, tokens = 96, 40, 8, 7
+    W, down, up, x = randn(m, n), randn(r, n, seed=1), randn(m, r, seed=2), randn(tokens, n)
+    f = lora_forward_flops(m, n, r, tokens=tokens)
+    assert f["fused_per_token"] * tokens == counted_flops(lambda: x @ W.T)
+    on_the_fly = counted_flops(lambda: x @ W.T + (x @ down.T) @ up.T)
+    assert f["on_the_fly_total"] == on_the_fly
+    assert f["on_the_fly_per_token"] * tokens == on_the_fly
+    assert f["fused_merge"] == counted_flops(lambda: up @ down) + m * n  # build ΔW, add it to W
+    merged = W + up @ down
+    assert f["fused_total"] == f["fused_merge"] + counted_flops(lambda: x @ merged.T)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +91,7 @@ def test_lora_forward_flops() -> None:
     [
         (lambda: best_rank_r(torch.ones(3, 4), 0), "rank must be a positive integer"),
         (lambda: best_rank_r(torch.ones(3, 4), 4), "rank r = 4 exceeds min"),
-        (lambda: best_rank_r(torch.ones(3), 1), r"W must be a matrix \(2-D\)"),
+        (lambda: best_rank_r(torch.ones(3), 1), "W must be a 2-D matrix"),
         (
             lambda: lora_forward(
                 torch.ones(2, 4), torch.ones(3, 5), torch.ones(1, 5), torch.ones(3, 1)
