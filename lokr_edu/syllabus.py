@@ -16,7 +16,7 @@ class Chapter:
     number: str  # "01"
     title: str
     notebook: str  # path from the repository root
-    module: str | None  # the lokr_edu module that is the chapter's answer key
+    modules: tuple[str, ...]  # the lokr_edu modules that are the chapter's answer key
     needs: str  # what the chapter needs beyond the package's install
     cpu_seconds: int | None  # measured by `make course` on 2 cores; None = not written yet
     exercises: str | None  # path of the exercise notebook, None if the chapter has none
@@ -27,12 +27,12 @@ class Chapter:
 
 
 CHAPTERS: list[Chapter] = [
-    Chapter("00", "Setup", "notebooks/00_setup.ipynb", None, "nothing", 6, None),
+    Chapter("00", "Setup", "notebooks/00_setup.ipynb", (), "nothing", 6, None),
     Chapter(
         "01",
         "The Kronecker product",
         "notebooks/01_kronecker_product.ipynb",
-        "lokr_edu/kron.py",
+        ("lokr_edu/kron.py",),
         "CPU",
         12,
         "exercises/01_kronecker_product_exercises.ipynb",
@@ -41,7 +41,7 @@ CHAPTERS: list[Chapter] = [
         "02",
         "PEFT and LoRA",
         "notebooks/02_peft_and_lora.ipynb",
-        "lokr_edu/lowrank.py",
+        ("lokr_edu/lowrank.py",),
         "CPU",
         14,
         "exercises/02_peft_and_lora_exercises.ipynb",
@@ -50,7 +50,7 @@ CHAPTERS: list[Chapter] = [
         "03",
         "LoHa and LoKr on SD1.5",
         "notebooks/03_loha_and_lokr.ipynb",
-        "lokr_edu/sd15.py",
+        ("lokr_edu/lowrank.py", "lokr_edu/sd15.py"),
         "CPU",
         18,
         "exercises/03_loha_and_lokr_exercises.ipynb",
@@ -59,7 +59,7 @@ CHAPTERS: list[Chapter] = [
         "04",
         "An adapter library from scratch",
         "notebooks/04_adapter_from_scratch.ipynb",
-        "lokr_edu/adapters.py",
+        ("lokr_edu/adapters.py", "lokr_edu/kron_apply.py", "lokr_edu/io.py"),
         "CPU",
         12,
         "exercises/04_adapter_from_scratch_exercises.ipynb",
@@ -68,7 +68,7 @@ CHAPTERS: list[Chapter] = [
         "05",
         "Fine-tuning on a laptop CPU",
         "notebooks/05_finetune_on_cpu.ipynb",
-        "lokr_edu/toy.py",
+        ("lokr_edu/toy.py",),
         "CPU",
         45,
         "exercises/05_finetune_on_cpu_exercises.ipynb",
@@ -77,7 +77,7 @@ CHAPTERS: list[Chapter] = [
         "06",
         "Attention and where LoRA goes",
         "notebooks/06_attention_and_lora.ipynb",
-        "lokr_edu/attention.py",
+        ("lokr_edu/attention.py",),
         "CPU",
         17,
         "exercises/06_attention_and_lora_exercises.ipynb",
@@ -86,7 +86,7 @@ CHAPTERS: list[Chapter] = [
         "07",
         "Fine-tuning Stable Diffusion 1.5",
         "notebooks/07_stable_diffusion_lokr.ipynb",
-        "lokr_edu/diffusion.py",
+        ("lokr_edu/diffusion.py", "lokr_edu/digits_sd.py", "lokr_edu/train.py"),
         "GPU for the full run; tiny mode on CPU",
         185,
         "exercises/07_stable_diffusion_lokr_exercises.ipynb",
@@ -97,12 +97,12 @@ CHAPTERS: list[Chapter] = [
 def markdown_table() -> str:
     """The README's syllabus table (tests/test_project.py checks the README contains it)."""
     lines = [
-        "| ch | chapter | notebook | module | needs | CPU time | exercises |",
+        "| ch | chapter | notebook | modules | needs | CPU time | exercises |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in CHAPTERS:
         notebook = f"[{c.notebook}]({c.notebook})" if c.ready else c.notebook
-        module = f"`{c.module}`" if c.module else "—"
+        module = ", ".join(f"`{m}`" for m in c.modules) or "—"
         time = f"~{c.cpu_seconds} s" if c.ready else "planned"
         exercises = f"[{c.exercises}]({c.exercises})" if c.exercises else "—"
         lines.append(

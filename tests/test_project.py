@@ -77,8 +77,8 @@ def test_readme_syllabus_is_the_package_syllabus() -> None:
 @pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c.ready], ids=lambda c: c.number)
 def test_ready_chapters_have_their_files(chapter) -> None:
     assert (REPO / chapter.notebook).exists()
-    if chapter.module:
-        assert (REPO / chapter.module).exists()
+    for module in chapter.modules:
+        assert (REPO / module).exists(), module
     if chapter.exercises:
         assert (REPO / chapter.exercises).exists()
         solution = chapter.exercises.replace("exercises", "solutions")
