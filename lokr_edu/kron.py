@@ -48,8 +48,11 @@ def kron(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def kron_singular_values(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """The singular values of A ⊗ B without forming it: all products σ_i(A)·σ_j(B), descending.
 
-    From the SVDs A = U_A Σ_A V_Aᵀ and B = U_B Σ_B V_Bᵀ and the mixed-product rule,
-    A ⊗ B = (U_A ⊗ U_B)(Σ_A ⊗ Σ_B)(V_A ⊗ V_B)ᵀ is itself an SVD. Section 3 of chapter 01.
+    From compact SVDs A = U_A Σ_A V_Aᵀ and B = U_B Σ_B V_Bᵀ (Σ square and diagonal, U and V with
+    orthonormal columns) and the mixed-product rule, A ⊗ B = (U_A ⊗ U_B)(Σ_A ⊗ Σ_B)(V_A ⊗ V_B)ᵀ
+    is itself a compact SVD: Σ_A ⊗ Σ_B is square and diagonal. (With full SVDs and a non-square
+    factor, Σ_A ⊗ Σ_B is diagonal only up to a permutation.) The zeros among the products are
+    the remaining singular values. Section 3 of chapter 01.
     """
     require_matrix("A", A)
     require_matrix("B", B)
