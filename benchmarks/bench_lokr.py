@@ -262,7 +262,7 @@ def _keyed(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
 
 
 def checks(rows: list[dict]) -> list[str]:
-    """The issue's targets for lokr_edu's default (auto), each with its numbers, PASS / FAIL."""
+    """The targets for lokr_edu's default (auto), each with its numbers, PASS / FAIL."""
     keyed = _keyed(rows)
     ours = "lokr_edu auto"
     lines = []

@@ -232,7 +232,7 @@ def unet_tokens(height: int = 512, width: int = 512, target_set: str = "kohya") 
     read the 77 text tokens instead. What a layer's step costs depends on batch × tokens, so a
     1280-wide layer fed 2 × 4096 rows is SD1.5 at 512 px with a batch of 32. (Every text-encoder
     layer sees 77 tokens.) Found by running the meta-device U-Net once with a hook on each target.
-    Defined in chapter 04 (04_adapter_from_scratch.ipynb, section 9).
+    Defined in chapter 04 (04_adapter_from_scratch.ipynb, the appendix).
     """
     if height <= 0 or width <= 0 or height % 64 or width % 64:
         raise ValueError(
