@@ -13,11 +13,11 @@ def reference_params(d_out, d_in, r):
     return count_params("lora", d_out, d_in, r)
 
 
-def reference_delta(B, A, alpha):
+def reference_delta(A, B, alpha):
     return lora_delta(A, B, alpha)
 
 
-def reference_forward(x, W, B, A, alpha, eta):
+def reference_forward(x, W, A, B, alpha, eta):
     return lora_forward(x, W, A, B, alpha, strength=eta)
 
 
@@ -40,24 +40,24 @@ CASES = [
         checks.check_lora_delta,
         reference_delta,
         [
-            (lambda B, A, alpha: B @ A, "left out the scale α/r"),
-            (lambda B, A, alpha: alpha * A.shape[0] * (B @ A), "α divided by r"),
-            (lambda B, A, alpha: (A.shape[0] / alpha) * (B @ A), "not r/α"),
-            (lambda B, A, alpha: (alpha / A.shape[0]) * (A.T @ B.T), "returned shape"),
-            (lambda B, A, alpha: (alpha / A.shape[0]) * (B @ A) + 1, "ΔW = (α/r)·B @ A"),
+            (lambda A, B, alpha: B @ A, "left out the scale α/r"),
+            (lambda A, B, alpha: alpha * A.shape[0] * (B @ A), "α divided by r"),
+            (lambda A, B, alpha: (A.shape[0] / alpha) * (B @ A), "not r/α"),
+            (lambda A, B, alpha: (alpha / A.shape[0]) * (A.T @ B.T), "returned shape"),
+            (lambda A, B, alpha: (alpha / A.shape[0]) * (B @ A) + 1, "ΔW = (α/r)·B @ A"),
         ],
     ),
     (
         checks.check_lora_forward,
         reference_forward,
         [
-            (lambda x, W, B, A, alpha, eta: x @ W.T + eta * ((x @ A.T) @ B.T), "α/r is missing"),
+            (lambda x, W, A, B, alpha, eta: x @ W.T + eta * ((x @ A.T) @ B.T), "α/r is missing"),
             (
-                lambda x, W, B, A, alpha, eta: x @ W.T + (alpha / A.shape[0]) * ((x @ A.T) @ B.T),
+                lambda x, W, A, B, alpha, eta: x @ W.T + (alpha / A.shape[0]) * ((x @ A.T) @ B.T),
                 "η = 0 must give the base layer",
             ),
             (
-                lambda x, W, B, A, alpha, eta: x @ W.T + eta * (alpha / 2) * ((x @ B) @ A),
+                lambda x, W, A, B, alpha, eta: x @ W.T + eta * (alpha / 2) * ((x @ B) @ A),
                 "raised RuntimeError",
             ),
         ],

@@ -43,13 +43,14 @@ def check_lora_params(lora_params: Callable[[int, int, int], int]) -> None:
 def check_lora_delta(
     lora_delta_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
 ) -> None:
-    """Exercise 2.2: ΔW = (α/r)·B·A for B (d_out × r) and A (r × d_in)."""
+    """Exercise 2.2: ΔW = (α/r)·B·A for A (down, r × d_in) and B (up, d_out × r), called as
+    lora_delta(A, B, alpha): the package's order, the order in which the input meets them."""
     for case, (d_out, d_in, r, alpha) in enumerate(
         [(6, 4, 2, 4.0), (3, 5, 1, 1.0), (8, 8, 4, 16.0)]
     ):
         B, A = random_tensor(d_out, r, seed=case), random_tensor(r, d_in, seed=50 + case)
-        context = f"for B {d_out}×{r}, A {r}×{d_in}, alpha={alpha}"
-        got = call_student("lora_delta", lora_delta_fn, B, A, alpha, context=context)
+        context = f"for A {r}×{d_in}, B {d_out}×{r}, alpha={alpha}"
+        got = call_student("lora_delta", lora_delta_fn, A, B, alpha, context=context)
         require_tensor("lora_delta", got, (d_out, d_in), context + " (ΔW is d_out × d_in)")
         want = lora_delta(A, B, alpha)
         if torch.allclose(got, want):
@@ -78,7 +79,7 @@ def check_lora_forward(
             x = random_tensor(*batch, d_in, seed=4)
             context = f"for x of shape {tuple(x.shape)} and η = {eta}"
             got = call_student(
-                "lora_forward", lora_forward_fn, x, W, B, A, alpha, eta, context=context
+                "lora_forward", lora_forward_fn, x, W, A, B, alpha, eta, context=context
             )
             require_tensor("lora_forward", got, (*batch, d_out), context)
             want = lora_forward(x, W, A, B, alpha, strength=eta)
