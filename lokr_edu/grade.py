@@ -384,7 +384,6 @@ class _Run:
     error: tuple[str, str] | None = None
     timeout: bool = False
     dead: bool = False
-    ran: bool = False
 
 
 def _error_of(cell: nbformat.NotebookNode) -> tuple[str, str] | None:
@@ -405,7 +404,7 @@ def _execute(sources: list[str], workdir: Path, timeout: int) -> list[_Run]:
     from nbclient.util import ensure_async
 
     class Client(NotebookClient):
-        interrupted: set[int] = set()
+        """Interrupts a cell at the time limit, and gives up on it at the second."""
 
         async def _async_handle_timeout(self, timeout, cell=None):  # noqa: ANN001
             if id(cell) in self.interrupted:
@@ -432,7 +431,6 @@ def _execute(sources: list[str], workdir: Path, timeout: int) -> list[_Run]:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
     with client.setup_kernel(env=env, stderr=subprocess.DEVNULL):
         for index, cell in enumerate(nb.cells):
-            runs[index].ran = True
             try:
                 client.execute_cell(cell, index)
                 runs[index].error = _error_of(cell)
@@ -688,7 +686,7 @@ def format_table(reports: Sequence[Report], width: int = 100) -> str:
     """The rows as a plain-text table; messages are shortened to `width` (the CSV has them all)."""
     table = [[r.student, r.exercise, r.kind, r.passed, r.message] for r in rows(reports)]
     header = [name.upper() for name in FIELDS]
-    limits = [40, 40, 15, 6, width]
+    limits = [48, 40, 15, 6, width]
     cells = [
         [line[0] if len(line[0]) <= limits[0] else "…" + line[0][1 - limits[0] :]]
         + [
