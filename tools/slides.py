@@ -294,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         failed = 0
         for path in args.paths or _lectures():
-            for problem in problems(nbformat.read(path, as_version=4)):
-                print(f"{path}: {problem}")
+            found = problems(nbformat.read(path, as_version=4))
+            if found:
                 failed = 1
+                more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+                print(f"{path}: {'; '.join(found[:3])}{more}: run python tools/slides.py mark")
         return failed
     build(args.paths or _lectures(), args.out, args.vendor)
     return 0
