@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-fast test-full-arch lint exercises notebooks clean
+.PHONY: install course test test-fast test-full-arch test-browser slides lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test-fast: $(INSTALLED)
 # Opt-in: one LoKr training step of the full-size SD1.5 U-Net (random weights) on the CPU.
 test-full-arch: $(INSTALLED)
 	$(BIN)/python -m pytest -m full_arch -s tests/test_full_arch.py
+
+# Lecture slides: one reveal.js HTML per lecture in build/slides/, opening from disk with no network
+# (reveal.js and MathJax from their npm packages, fetched once into build/vendor/).
+slides: $(INSTALLED)
+	$(BIN)/python tools/slides.py build
+
+# Opt-in: the course in JupyterLab driven by headless Chromium (Debian's chromium package);
+# screenshots in build/screenshots/.
+test-browser: $(INSTALLED)
+	$(BIN)/python tools/browser_test.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -27,11 +27,12 @@ __all__ = ["clean_metadata", "execute_notebook", "main"]
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Keep only kernel and language in the notebook metadata and only tags in cell metadata."""
+    """Keep only kernel and language in the notebook metadata, and only tags and the slideshow
+    marks (`tools/slides.py`) in cell metadata."""
     nb.metadata = nbformat.from_dict(KERNEL_METADATA)
     for cell in nb.cells:
-        tags = cell.metadata.get("tags")
-        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+        kept = {key: cell.metadata[key] for key in ("tags", "slideshow") if cell.metadata.get(key)}
+        cell.metadata = nbformat.from_dict(kept)
     return nb
 
 

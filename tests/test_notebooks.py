@@ -18,6 +18,7 @@ EXECUTED = sorted((REPO / "notebooks").glob("*.ipynb")) + sorted(
     (REPO / "solutions").glob("*.ipynb")
 )
 ALLOWED_TAGS = {"nbval-ignore-output", "solution-only", "nbval-skip"}
+SLIDE_TYPES = {"slide", "subslide", "fragment", "-", "skip", "notes"}  # tools/slides.py marks them
 
 
 def problems(nb: nbformat.NotebookNode) -> list[str]:
@@ -27,7 +28,13 @@ def problems(nb: nbformat.NotebookNode) -> list[str]:
         found.append(f"notebook metadata is {dict(nb.metadata)}, expected only kernel + language")
     for index, cell in enumerate(nb.cells):
         tags = set(cell.metadata.get("tags", []))
-        if set(cell.metadata) - {"tags"} or tags - ALLOWED_TAGS:
+        slideshow = cell.metadata.get("slideshow", {"slide_type": "-"})
+        if (
+            set(cell.metadata) - {"tags", "slideshow"}
+            or tags - ALLOWED_TAGS
+            or set(slideshow) != {"slide_type"}
+            or slideshow["slide_type"] not in SLIDE_TYPES
+        ):
             found.append(f"cell {index}: unexpected metadata {dict(cell.metadata)}")
         if cell.cell_type != "code" or not cell.source.strip():
             continue
@@ -80,6 +87,13 @@ def test_problems_finds_each_kind_of_defect() -> None:
     ignored = _executed("print(time.time())")
     ignored.cells[0].metadata["tags"] = ["nbval-ignore-output"]
     assert "without an assertion" in problems(ignored)[0]
+    slides = _executed("x = 1")
+    slides.cells[0].metadata["slideshow"] = {"slide_type": "fragment"}
+    assert problems(slides) == []
+    slides.cells[0].metadata["slideshow"] = {"slide_type": "fragmant"}
+    assert "unexpected metadata" in problems(slides)[0]
+    slides.cells[0].metadata = {"collapsed": True}
+    assert "unexpected metadata" in problems(slides)[0]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "exercises").glob("*.ipynb")), ids=lambda p: p.name)
