@@ -3,7 +3,7 @@
     python -m lokr_edu.exercises build    # regenerate exercises/NN_topic_exercises.ipynb
     python -m lokr_edu.exercises check    # exit 1 if exercises/ differs from what build writes
 
-Conventions (DESIGN.md, "Exercises"):
+Conventions (CONTRIBUTING.md, "Adding a chapter"):
 - An exercise is a code cell whose first line is `# Exercise N.M: title` and which contains
   one or more blocks between `# BEGIN SOLUTION` and `# END SOLUTION`. Each block becomes
   `raise NotImplementedError("Exercise N.M: title ...")` at the block's indentation.

@@ -99,3 +99,14 @@ def test_version_is_consistent() -> None:
 def test_public_names() -> None:
     for name in ["kron", "factorize"]:
         assert callable(getattr(lokr_edu, name)), name
+
+
+def test_contributing_names_only_what_exists() -> None:
+    """CONTRIBUTING.md's checklist points at tests, tools and make targets: each must exist."""
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    for path in set(re.findall(r"`((?:tests|tools|lokr_edu)/[\w/.]+\.py)`", text)):
+        if "NN" not in path and "<module>" not in path:  # templates, not files
+            assert (REPO / path).exists(), path
+    targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.M))
+    for target in set(re.findall(r"`make ([\w-]+)`", text)):
+        assert target in targets, f"make {target}"
