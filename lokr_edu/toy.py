@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
+    "split_validation",
     "BASE_WEIGHTS",
     "TASKS",
     "Digits",
@@ -75,6 +76,22 @@ def load_digits(task: str = "upright", test_fraction: float = 0.33) -> Digits:
     n_test = int(len(x) * test_fraction)
     test, train_ = order[:n_test], order[n_test:]
     return Digits(x[train_], labels[train_], x[test], labels[test])
+
+
+def split_validation(data: Digits, fraction: float = 0.2) -> tuple[Digits, Digits]:
+    """Hold out the first `fraction` of data's training images for validation: (fit, tune).
+
+    Both train on the remaining images; `fit` is evaluated on the real test images and `tune`
+    on the held-out validation images (its x_test / y_test). Choices such as a learning rate
+    are made with `tune`, so the test accuracy reported at the end was never used to make them.
+    Defined in chapter 05."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
+    n_val = int(len(data.x_train) * fraction)
+    fit = Digits(data.x_train[n_val:], data.y_train[n_val:], data.x_test, data.y_test)
+    held_out = data.x_train[:n_val], data.y_train[:n_val]
+    tune = Digits(data.x_train[n_val:], data.y_train[n_val:], *held_out)
+    return fit, tune
 
 
 def make_base_model() -> nn.Sequential:

@@ -14,6 +14,7 @@ from lokr_edu.toy import (
     main,
     make_base_model,
     pretrain,
+    split_validation,
     train,
 )
 
@@ -77,3 +78,15 @@ def test_training_is_reproducible_and_reduces_the_loss() -> None:
 def test_bad_input(call, message) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+def test_split_validation_holds_out_training_images_only() -> None:
+    data = load_digits("rot90")
+    fit, tune = split_validation(data, 0.2)
+    n_val = int(len(data.x_train) * 0.2)
+    assert len(tune.x_test) == n_val and len(fit.x_train) == len(data.x_train) - n_val
+    assert torch.equal(fit.x_train, tune.x_train) and torch.equal(fit.x_test, data.x_test)
+    assert torch.equal(tune.x_test, data.x_train[:n_val])  # held out: not in fit.x_train
+    assert torch.equal(fit.x_train, data.x_train[n_val:])
+    with pytest.raises(ValueError, match="fraction"):
+        split_validation(data, 1.0)
