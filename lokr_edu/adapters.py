@@ -71,8 +71,8 @@ class Adapter(nn.Module):
     key -> shape) overrides them: `lokr_edu.io` uses it to rebuild an adapter as a file stores it.
     `alpha` is a buffer (not trained; files store it); alpha None (or 0, as kohya reads it)
     means α = r. The scale it implies is a Python float, `self.scale`, fixed here and refreshed
-    when a state dict is loaded: forward never reads a tensor back to the host (`.item()`
-    would stall a GPU once per layer per step).
+    when a state dict is loaded: forward never reads a tensor back to the host (that would
+    stall a GPU once per layer per step).
     Build one with `make_adapter(method, base, rank, ...)` or the subclass itself.
     """
 
