@@ -129,7 +129,7 @@ def with_spectrum(values, seed, dtype=torch.float32):
     return (U @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ V.T).to(dtype)
 
 
-SPREAD = torch.logspace(0, -3, 8).tolist()
+SPREAD = torch.logspace(0, -3.5, 8).tolist()
 
 
 def check_rank_loss_pair(pair):  # check_cases passes one answer: the pair (A, B)
