@@ -250,7 +250,10 @@ def check_break_even_prediction(prediction: object) -> None:
     1280 × 1280 layer at r = 4 and r = 64, each right within 25%."""
     values = prediction if isinstance(prediction, tuple) else (prediction,)
     if any(v is None or v is Ellipsis for v in values):
-        raise NotImplementedError("Exercise 2.6: not answered yet (write your two predictions)")
+        raise NotImplementedError(
+            "Exercise 2.6: predict the break-even token counts at r = 4 and r = 64: "
+            "not answered yet (write your two predictions)"
+        )
     if not (
         isinstance(prediction, tuple)
         and len(prediction) == 2
