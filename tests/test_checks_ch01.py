@@ -15,6 +15,8 @@ from lokr_edu.kron import (
     kron_matvec,
     kron_singular_values,
     numerical_rank,
+    unvec,
+    vec,
 )
 
 
@@ -64,6 +66,15 @@ def rank_returns_tensor(M, rtol):
     return (s > rtol * s[0]).sum().float().reshape(1, 1).repeat(1, 2)
 
 
+def rank_returns_0d_tensor(M, rtol):  # right count, but the tensor that .sum() gives
+    s = torch.linalg.svdvals(M)
+    return 0 if s[0] == 0 else (s > rtol * s[0]).sum()
+
+
+def rank_returns_float(M, rtol):
+    return float(numerical_rank(M, rtol))
+
+
 def matvec_uses_B_not_Bt(A, B, x):
     (m, n), (p, q) = A.shape, B.shape
     X = x.reshape(*x.shape[:-1], n, q)
@@ -83,6 +94,46 @@ def matvec_no_batch(A, B, x):
 
 def matvec_builds_kron(A, B, x):
     return x @ torch.kron(A, B).T
+
+
+def column_form(A, B, X):  # the reference: vec(B X Aᵀ) = (A ⊗ B) vec(X)
+    return B @ X @ A.T
+
+
+def column_form_transposed(A, B, X):  # Yᵀ
+    return A @ X.T @ B.T
+
+
+def column_form_A_not_transposed(A, B, X):
+    return B @ X @ A
+
+
+def column_form_row_order(A, B, X):  # the row form's order, on the column form's X
+    return A @ X @ B.T
+
+
+def column_form_almost(A, B, X):  # right on most shapes: only a search finds the counterexample
+    Y = B @ X @ A.T
+    return Y + 1e-3 if A.shape == (3, 4) else Y
+
+
+def column_form_via_kron(A, B, X):
+    return unvec(torch.kron(A, B) @ vec(X), B.shape[0], A.shape[0])
+
+
+def with_spectrum(values, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = len(values)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (U @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ V.T).to(dtype)
+
+
+SPREAD = torch.logspace(0, -3.5, 8).tolist()
+
+
+def check_rank_loss_pair(pair):  # check_cases passes one answer: the pair (A, B)
+    checks.check_rank_loss(*pair)
 
 
 def factorize_unsorted(dim, factor=-1):
@@ -134,7 +185,9 @@ CASES = [
         numerical_rank,
         [
             (rank_absolute_tolerance, "the tolerance is relative"),
-            (rank_returns_tensor, "must return an int"),
+            (rank_returns_tensor, "must return a Python int"),
+            (rank_returns_0d_tensor, "must return a Python int, got Tensor"),
+            (rank_returns_float, "must return a Python int, got float"),
             (rank_forgets_zero_matrix, "the zero matrix has rank 0"),
         ],
     ),
@@ -159,10 +212,57 @@ CASES = [
             (factorize_cap_ignored_when_not_dividing, "may not exceed factor"),
         ],
     ),
+    (
+        checks.check_kron_rank_prediction,
+        6,
+        [
+            (5, "ranks multiply, they do not add"),
+            (24, "largest rank a 24×35 matrix can have"),
+            (20, "would hold for full-rank factors"),
+            (0, "rank-deficient is not rank 0"),
+            (7, "the products σ_i(A)·σ_j(B)"),
+            (6.0, "must be an int"),
+            (torch.tensor(6), "must be an int"),
+        ],
+    ),
+    (
+        checks.check_vec_column_form,
+        column_form,
+        [
+            (column_form_transposed, "that is Yᵀ"),
+            (column_form_A_not_transposed, "A enters transposed"),
+            (column_form_row_order, "A·X·Bᵀ is the row form"),
+            (column_form_almost, "for A 3×4, B"),
+            (column_form_via_kron, "called torch.kron"),
+            (lambda A, B, X: (B @ X @ A.T).T.contiguous().reshape(-1), "returned shape"),
+        ],
+    ),
+    (
+        check_rank_loss_pair,
+        (with_spectrum(SPREAD, 1), with_spectrum(SPREAD, 2)),
+        [
+            ((with_spectrum(SPREAD, 1, torch.float64), with_spectrum(SPREAD, 2)), "float32"),
+            ((with_spectrum([1.0] * 8, 1), with_spectrum(SPREAD, 2)), "still has full"),
+            (
+                (with_spectrum(torch.logspace(0, -8, 8).tolist(), 1), with_spectrum(SPREAD, 2)),
+                "A itself already has numerical rank",
+            ),
+            ((with_spectrum(SPREAD, 1), with_spectrum([1.0] * 9, 2)), "between 2×2 and 8×8"),
+            ((with_spectrum(SPREAD, 1), torch.ones(8)), "2-D torch.Tensor"),
+        ],
+    ),
 ]
 
 
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)
+
+
+@pytest.mark.parametrize("blank", [None, ...])
+def test_a_blank_answer_is_not_answered_yet(blank) -> None:
+    with pytest.raises(NotImplementedError, match=r"Exercise 1\.6: .*not answered yet"):
+        checks.check_kron_rank_prediction(blank)
+    with pytest.raises(NotImplementedError, match=r"Exercise 1\.8: .*not answered yet"):
+        checks.check_rank_loss(blank, blank)
 
 
 def test_forbidden_kron_is_restored_after_a_check() -> None:
