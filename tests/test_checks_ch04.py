@@ -263,4 +263,109 @@ CASES += [
     ),
 ]
 
+
+class BrokenMergeableLoRA(nn.Module):
+    """The exercise's broken layer: set_strength ignores a merge, unmerge keeps the merged state."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base, self.rank, self.alpha, self.strength = base, rank, alpha, 1.0
+        base.requires_grad_(False)
+        dtype = base.weight.dtype
+        self.down = nn.Parameter(torch.randn(rank, base.in_features, dtype=dtype) / rank)
+        self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
+        self.merged_eta = None
+
+    def delta(self) -> torch.Tensor:
+        return (self.alpha / self.rank) * self.up @ self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged_eta is None:
+            y = y + self.strength * (self.alpha / self.rank) * (x @ self.down.T) @ self.up.T
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged_eta is None:
+            self.base.weight += self.strength * self.delta()
+            self.merged_eta = self.strength
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_eta is not None:
+            self.base.weight -= self.merged_eta * self.delta()
+
+    def set_strength(self, eta: float) -> None:
+        self.strength = eta
+
+
+class UnmergeFixed(BrokenMergeableLoRA):
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_eta is not None:
+            self.base.weight -= self.merged_eta * self.delta()
+            self.merged_eta = None
+
+
+class SetStrengthFixed(BrokenMergeableLoRA):
+    def set_strength(self, eta: float) -> None:
+        was_merged = self.merged_eta is not None
+        self.unmerge()
+        self.strength = eta
+        if was_merged:
+            self.merge()
+
+
+class MergeableLoRA(UnmergeFixed, SetStrengthFixed):
+    pass
+
+
+class BranchWhenMerged(MergeableLoRA):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = (x @ self.down.T) @ self.up.T
+        return self.base(x) + self.strength * (self.alpha / self.rank) * branch
+
+
+class UnmergeTwice(MergeableLoRA):
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_eta is not None:
+            self.base.weight -= 2 * self.merged_eta * self.delta()
+            self.merged_eta = None
+
+
+class UnmergeWithNewStrength(MergeableLoRA):
+    def set_strength(self, eta: float) -> None:
+        was_merged = self.merged_eta is not None
+        self.strength = eta
+        if was_merged:
+            with torch.no_grad():
+                self.base.weight -= self.strength * self.delta()
+            self.merged_eta = None
+            self.merge()
+
+
+class NoBiasWhenMerged(MergeableLoRA):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_eta is not None:
+            return x @ self.base.weight.T
+        return super().forward(x)
+
+
+CASES += [
+    (
+        checks.check_mergeable_lora,
+        MergeableLoRA,
+        [
+            (BrokenMergeableLoRA, "must take the old η·ΔW out of the weight"),
+            (UnmergeWithNewStrength, "must take the old η·ΔW out of the weight"),
+            (SetStrengthFixed, "does unmerge clear the merged state?"),
+            (UnmergeFixed, "must take the old η·ΔW out of the weight"),
+            (BranchWhenMerged, "η·ΔW is counted twice"),
+            (UnmergeTwice, "the base weight did not come back"),
+            (NoBiasWhenMerged, "expected the output of base weight W + 1·ΔW"),
+        ],
+    ),
+]
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)

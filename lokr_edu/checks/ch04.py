@@ -30,6 +30,7 @@ __all__ = [
     "check_lora_delta_from_file",
     "check_eta_prediction",
     "check_stacked_adapters",
+    "check_mergeable_lora",
 ]
 
 
@@ -430,4 +431,70 @@ def check_stacked_adapters(layer: nn.Module) -> None:
         f"the stacked update has rank {rank} although each adapter has rank 3: two stacked "
         "LoRAs are one LoRA with concatenated factors, and their ranks add only when their "
         "column and row spaces are independent"
+    )
+
+
+def check_mergeable_lora(mergeable_class: type[nn.Module]) -> None:
+    """Exercise 4.9 (debug): a LoRA layer with merge(), unmerge() and set_strength(η) whose
+    outputs never depend on whether it is merged, and whose base weight comes back."""
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5).double()
+    W0 = base.weight.detach().clone()
+    layer = call_student(
+        "MergeableLoRA", mergeable_class, base, 3, 6.0, context="for (base, 3, 6.0)"
+    )
+    with torch.no_grad():
+        layer.down.copy_(random_tensor(3, 7, seed=90))
+        layer.up.copy_(random_tensor(5, 3, seed=91))
+    x = random_tensor(9, 7, seed=92)  # full column rank: the outputs pin the weight down
+    delta = lora_delta(layer.down.detach(), layer.up.detach(), 6.0)
+
+    def expect(eta: float) -> torch.Tensor:
+        return x @ (W0 + eta * delta).T + base.bias
+
+    previous = [1.0]  # the η of the last step that was right
+
+    def run(step: str, action: Callable[[], object], eta: float) -> None:
+        call_student("MergeableLoRA", action, context=f"in step '{step}'")
+        with torch.no_grad():
+            got = call_student("MergeableLoRA.forward", layer, x, context=f"after '{step}'")
+        if torch.allclose(got, expect(eta)):
+            previous[0] = eta
+            return
+        update = x @ delta.T
+        acts_as = float(((got - expect(0.0)) * update).sum() / (update * update).sum())
+        if torch.allclose(got, expect(2 * eta)):
+            hint = (
+                "η·ΔW is counted twice: once in the merged weight and once by the branch; a "
+                "merged layer must skip its LoRA branch"
+            )
+        elif torch.allclose(got, expect(0.0)) and eta != 0:
+            hint = (
+                "the update vanished: the branch is skipped as if the layer were merged, but "
+                "η·ΔW is not in the weight (does unmerge clear the merged state?)"
+            )
+        elif "strength" in step and torch.allclose(got, expect(previous[0])):
+            hint = (
+                "changing η on a merged layer must take the old η·ΔW out of the weight (unmerge) "
+                "and put the new one in (merge); otherwise the weight keeps the old strength"
+            )
+        elif torch.allclose(got, expect(acts_as)):
+            hint = (
+                f"the layer acts as W + {acts_as:g}·ΔW: the base weight did not come back to W "
+                "plus exactly the merged η·ΔW; unmerge must subtract the η that was merged, once"
+            )
+        else:
+            hint = f"expected the output of base weight W + {eta:g}·ΔW"
+        raise CheckError(f"after '{step}' the output is wrong (η = {eta:g}): {hint}")
+
+    run("merge()", layer.merge, 1.0)
+    run("set_strength(0.3) while merged", lambda: layer.set_strength(0.3), 0.3)
+    run("set_strength(-1.0) while merged", lambda: layer.set_strength(-1.0), -1.0)
+    run("unmerge()", layer.unmerge, -1.0)
+    run("set_strength(2.0) unmerged", lambda: layer.set_strength(2.0), 2.0)
+    run("merge() again", layer.merge, 2.0)
+    run("unmerge() again", layer.unmerge, 2.0)
+    passed(
+        "merged or not, the layer computes base(x) + η·ΔW·x through merge, set_strength and "
+        "unmerge, and the base weight comes back"
     )
