@@ -206,4 +206,35 @@ CASES += [
     ),
 ]
 
+
+def rearrange(W, a, b, c, d):
+    return W.reshape(a, c, b, d).permute(0, 2, 1, 3).reshape(a * b, c * d)
+
+
+def rank_one_of_rearranged(W, a, b, c, d):
+    U, S, Vh = torch.linalg.svd(rearrange(W, a, b, c, d), full_matrices=False)
+    return S[0] * torch.outer(U[:, 0], Vh[0])
+
+
+CASES += [
+    (
+        checks.check_rearrange,
+        rearrange,
+        [
+            (lambda W, a, b, c, d: W.reshape(a * b, c * d), "a plain reshape does not cut"),
+            (
+                lambda W, a, b, c, d: W.reshape(a, c, b, d).permute(2, 0, 1, 3).reshape(a * b, -1),
+                "not j·a + i",
+            ),
+            (
+                lambda W, a, b, c, d: W.reshape(a, c, b, d).permute(0, 2, 3, 1).reshape(a * b, -1),
+                "not column by column",
+            ),
+            (lambda W, a, b, c, d: 2 * rearrange(W, a, b, c, d), "X[i, j]·vec(Y)ᵀ"),
+            (lambda W, a, b, c, d: rearrange(W, a, b, c, d).T, "expected (6, 20)"),
+            (rank_one_of_rearranged, "moves entries differently"),
+        ],
+    ),
+]
+
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)

@@ -26,6 +26,7 @@ __all__ = [
     "check_w2_full_rank",
     "check_loha_rank_prediction",
     "check_loha_as_one_product",
+    "check_rearrange",
 ]
 
 # r = 4 is not first: there a double count 4r(m + n) equals r²(m + n), and the two mistakes
@@ -338,4 +339,58 @@ def check_loha_as_one_product(loha_as_one_product: Callable[..., tuple]) -> None
     passed(
         f"no counterexample in {len(shapes)} random cases: (w1a·w1b) ⊙ (w2a·w2b) = U·V with "
         "r₁·r₂ columns in U, so rank ΔW ≤ r₁·r₂, LoHa's r² bound"
+    )
+
+
+def _rearranged(W: torch.Tensor, a: int, b: int, c: int, d: int) -> torch.Tensor:
+    """Van Loan–Pitsianis: row i·b + j of R(W) is block (i, j) of W (c × d), row by row."""
+    return W.reshape(a, c, b, d).permute(0, 2, 1, 3).reshape(a * b, c * d)
+
+
+def check_rearrange(rearrange: Callable[..., torch.Tensor]) -> None:
+    """Exercise 3.9 (derive): R(W) with R(X ⊗ Y) = vec(X)·vec(Y)ᵀ, so the nearest Kronecker
+    product to W is the best rank-1 approximation of R(W). Checked on random shapes."""
+    generator = torch.Generator().manual_seed(9)
+    shapes = [(2, 3, 4, 5), (3, 2, 2, 3)]
+    shapes += [
+        tuple(int(v) for v in torch.randint(1, 6, (4,), generator=generator)) for _ in range(40)
+    ]
+    for case, (a, b, c, d) in enumerate(shapes):
+        X, Y = random_tensor(a, b, seed=100 + case), random_tensor(c, d, seed=200 + case)
+        W = torch.kron(X, Y)
+        context = f"for W = X ⊗ Y with X {a} × {b} and Y {c} × {d}"
+        got = call_student("rearrange", rearrange, W, a, b, c, d, context=context)
+        require_tensor("rearrange", got, (a * b, c * d), context)
+        want = torch.outer(X.reshape(-1), Y.reshape(-1))  # vec(X)·vec(Y)ᵀ, row-major vec
+        if torch.allclose(got, want):
+            continue
+        if torch.allclose(got, W.reshape(a * b, c * d)):
+            hint = (
+                "a plain reshape does not cut W into blocks: block (i, j) is "
+                "W[i·c:(i+1)·c, j·d:(j+1)·d], and it becomes row i·b + j"
+            )
+        elif torch.allclose(got, torch.outer(X.T.reshape(-1), Y.reshape(-1))):
+            hint = "the blocks go in row-major order: block (i, j) is row i·b + j, not j·a + i"
+        elif torch.allclose(got, torch.outer(X.reshape(-1), Y.T.reshape(-1))):
+            hint = "flatten each c × d block row by row (Y.reshape(-1)), not column by column"
+        else:
+            hint = (
+                "block (i, j) of X ⊗ Y is X[i, j]·Y, so row i·b + j of R(X ⊗ Y) should be "
+                "X[i, j]·vec(Y)ᵀ"
+            )
+        raise CheckError(f"counterexample {context}: R(W) is not vec(X)·vec(Y)ᵀ: {hint}")
+    a, b, c, d = 2, 3, 4, 5
+    W = random_tensor(a * c, b * d, seed=300)
+    R = call_student("rearrange", rearrange, W, a, b, c, d, context="for a random W")
+    if not torch.allclose(R, _rearranged(W, a, b, c, d)):
+        raise CheckError(
+            "for a W that is not a Kronecker product your R(W) moves entries differently: R "
+            "must only rearrange W's entries, block (i, j) into row i·b + j"
+        )
+    s = torch.linalg.svdvals(R)
+    error = float(s[1:].norm() / s.norm())
+    passed(
+        f"no counterexample in {len(shapes)} random shapes: R(X ⊗ Y) = vec(X)·vec(Y)ᵀ, and R only "
+        f"moves entries, so ‖W − X ⊗ Y‖ = ‖R(W) − vec(X)·vec(Y)ᵀ‖. The nearest 2×3 ⊗ 4×5 "
+        f"product to a random 8 × 15 W misses it by {error:.0%}"
     )
