@@ -54,6 +54,10 @@ def lokr_plus_one(w1, w2a=None, w2b=None, w2=None, alpha=1.0):
     return lokr(w1, w2a, w2b, w2, alpha) + 1.0
 
 
+def lokr_refuses(w1, w2a=None, w2b=None, w2=None, alpha=1.0):
+    raise ValueError("no")
+
+
 def pairwise(P, Q):
     return (P[:, :, None] * Q[:, None, :]).reshape(P.shape[0], -1)
 
@@ -153,6 +157,7 @@ CASES = [
             (lokr_rank_off_rows, "you divided α by 5 = w2a.shape[0]"),
             (lokr_rank_off_columns, "you divided α by 6 = w2b.shape[1]"),
             (lokr_plus_one, "scale = α/r, r = w2a.shape[1], when W2 is low-rank"),
+            (lokr_refuses, "lokr_delta raised ValueError with W2 low-rank, α = 3: no"),
         ],
     ),
     (

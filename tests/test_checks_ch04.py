@@ -227,6 +227,12 @@ def stacked_layer(share: bool = True, rank_b: int = 3, zero_b: bool = False, eta
     return layer
 
 
+def one_adapter_layer():
+    layer = AdapterLayer(nn.Linear(12, 10))
+    layer.add("a", LoRA(layer.base, 3))
+    return layer
+
+
 CASES += [
     (
         checks.check_lora_delta_from_file,
@@ -259,6 +265,8 @@ CASES += [
             (stacked_layer(rank_b=2), "must be a LoRA of rank 3"),
             (stacked_layer(eta_b=0.0), "strength ≠ 0"),
             (nn.Linear(12, 10), "must be an AdapterLayer"),
+            (AdapterLayer(nn.Linear(10, 12)), "must be nn.Linear(12, 10)"),
+            (one_adapter_layer(), "must hold adapters 'a' and 'b'"),
         ],
     ),
 ]

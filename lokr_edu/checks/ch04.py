@@ -311,8 +311,6 @@ def check_lora_delta_from_file(lora_delta_from_file: Callable[[dict], torch.Tens
             (alpha / m, f"r is down.shape[0] = {r}; you divided by up.shape[0] = m = {m}"),
         ]
         hint = "ΔW = (alpha / r) · up @ down with r = down.shape[0]"
-        if m == n and torch.allclose(got, want.T):
-            hint = "that is ΔWᵀ (same shape on a square layer): ΔW = up @ down, not down.T @ up.T"
         for scale, text in guesses:
             if torch.allclose(got, scale * product):
                 hint = text
