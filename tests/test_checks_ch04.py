@@ -9,6 +9,7 @@ from check_cases import check_tests
 from torch import nn
 
 from lokr_edu import checks
+from lokr_edu.adapters import AdapterLayer, LoRA
 from lokr_edu.kron_apply import kron_linear
 from lokr_edu.sd15 import kohya_key
 
@@ -103,6 +104,14 @@ CASES = [
                 ),
                 "bias is missing",
             ),
+            (
+                lora_linear(
+                    lambda s, x: (
+                        s.base(x) + s.strength * (s.rank / s.alpha) * (x @ s.down.T) @ s.up.T
+                    )
+                ),
+                "not r/α = 3/6",
+            ),
             (lora_linear(zero_up=False), "is up initialized to zero?"),
             (lora_linear(freeze=False), "freeze the base"),
         ],
@@ -195,4 +204,176 @@ CASES = [
 ]
 
 
+def delta_from_file(tensors, transpose=False, scale=None, rank_axis=0, rank_from_up=False):
+    down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+    alpha = float(tensors["alpha"])
+    r = up.shape[0] if rank_from_up else down.shape[rank_axis]
+    s = alpha / r if scale is None else scale(alpha, r)
+    return s * (down.T @ up.T if transpose else up @ down)
+
+
+def stacked_layer(share: bool = True, rank_b: int = 3, zero_b: bool = False, eta_b: float = 1.0):
+    layer = AdapterLayer(nn.Linear(12, 10).double())
+    layer.add("a", LoRA(layer.base, 3))
+    layer.add("b", LoRA(layer.base, rank_b))
+    with torch.no_grad():
+        layer.adapters["a"].lora_up.normal_()
+        if not zero_b:
+            layer.adapters["b"].lora_up.normal_()
+        if share and not zero_b:
+            mix = torch.randn(3, rank_b, dtype=torch.float64)
+            layer.adapters["b"].lora_up.copy_(layer.adapters["a"].lora_up @ mix)
+    layer.strength["b"] = eta_b
+    return layer
+
+
+def one_adapter_layer():
+    layer = AdapterLayer(nn.Linear(12, 10))
+    layer.add("a", LoRA(layer.base, 3))
+    return layer
+
+
+CASES += [
+    (
+        checks.check_lora_delta_from_file,
+        delta_from_file,
+        [
+            (lambda t: delta_from_file(t, transpose=True), "that is ΔWᵀ"),
+            (lambda t: delta_from_file(t, scale=lambda a, r: r / a), "r/α inverts it"),
+            (lambda t: delta_from_file(t, scale=lambda a, r: 1.0), "is missing"),
+            (lambda t: delta_from_file(t, scale=lambda a, r: a), "divide α by the rank"),
+            (lambda t: delta_from_file(t, rank_axis=1), "off the other axis"),
+            (lambda t: delta_from_file(t, rank_from_up=True), "you divided by up.shape[0]"),
+            (lambda t: delta_from_file(t) + 1, "ΔW = (alpha / r) · up @ down"),
+        ],
+    ),
+    (
+        checks.check_eta_prediction,
+        (True, False),
+        [
+            ((False, False), "(a) one layer computes base(x) + η·ΔW·x"),
+            ((True, True), "(b) layer 2 receives layer 1's output"),
+            (("yes", "no"), "two booleans"),
+        ],
+    ),
+    (
+        checks.check_stacked_adapters,
+        stacked_layer(),
+        [
+            (stacked_layer(share=False), "has rank 6"),
+            (stacked_layer(zero_b=True), "adapter 'b' alone has ΔW of rank 0"),
+            (stacked_layer(rank_b=2), "must be a LoRA of rank 3"),
+            (stacked_layer(eta_b=0.0), "strength ≠ 0"),
+            (nn.Linear(12, 10), "must be an AdapterLayer"),
+            (AdapterLayer(nn.Linear(10, 12)), "must be nn.Linear(12, 10)"),
+            (one_adapter_layer(), "must hold adapters 'a' and 'b'"),
+        ],
+    ),
+]
+
+
+class BrokenMergeableLoRA(nn.Module):
+    """The exercise's broken layer: set_strength ignores a merge, unmerge keeps the merged state."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base, self.rank, self.alpha, self.strength = base, rank, alpha, 1.0
+        base.requires_grad_(False)
+        dtype = base.weight.dtype
+        self.down = nn.Parameter(torch.randn(rank, base.in_features, dtype=dtype) / rank)
+        self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype))
+        self.merged_eta = None
+
+    def delta(self) -> torch.Tensor:
+        return (self.alpha / self.rank) * self.up @ self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged_eta is None:
+            y = y + self.strength * (self.alpha / self.rank) * (x @ self.down.T) @ self.up.T
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged_eta is None:
+            self.base.weight += self.strength * self.delta()
+            self.merged_eta = self.strength
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_eta is not None:
+            self.base.weight -= self.merged_eta * self.delta()
+
+    def set_strength(self, eta: float) -> None:
+        self.strength = eta
+
+
+class UnmergeFixed(BrokenMergeableLoRA):
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_eta is not None:
+            self.base.weight -= self.merged_eta * self.delta()
+            self.merged_eta = None
+
+
+class SetStrengthFixed(BrokenMergeableLoRA):
+    def set_strength(self, eta: float) -> None:
+        was_merged = self.merged_eta is not None
+        self.unmerge()
+        self.strength = eta
+        if was_merged:
+            self.merge()
+
+
+class MergeableLoRA(UnmergeFixed, SetStrengthFixed):
+    pass
+
+
+class BranchWhenMerged(MergeableLoRA):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = (x @ self.down.T) @ self.up.T
+        return self.base(x) + self.strength * (self.alpha / self.rank) * branch
+
+
+class UnmergeTwice(MergeableLoRA):
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged_eta is not None:
+            self.base.weight -= 2 * self.merged_eta * self.delta()
+            self.merged_eta = None
+
+
+class UnmergeWithNewStrength(MergeableLoRA):
+    def set_strength(self, eta: float) -> None:
+        was_merged = self.merged_eta is not None
+        self.strength = eta
+        if was_merged:
+            with torch.no_grad():
+                self.base.weight -= self.strength * self.delta()
+            self.merged_eta = None
+            self.merge()
+
+
+class NoBiasWhenMerged(MergeableLoRA):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_eta is not None:
+            return x @ self.base.weight.T
+        return super().forward(x)
+
+
+CASES += [
+    (
+        checks.check_mergeable_lora,
+        MergeableLoRA,
+        [
+            (BrokenMergeableLoRA, "must take the old η·ΔW out of the weight"),
+            (UnmergeWithNewStrength, "must take the old η·ΔW out of the weight"),
+            (SetStrengthFixed, "does unmerge clear the merged state?"),
+            (UnmergeFixed, "must take the old η·ΔW out of the weight"),
+            (BranchWhenMerged, "η·ΔW is counted twice"),
+            (UnmergeTwice, "the base weight did not come back"),
+            (NoBiasWhenMerged, "expected the output of base weight W + 1·ΔW"),
+        ],
+    ),
+]
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lokr_edu.adapters import AdapterLayer, LoRA, inject, set_strength
 from lokr_edu.checks.ch01 import _forbid_kron
 from lokr_edu.checks.common import (
     CheckError,
@@ -16,6 +17,7 @@ from lokr_edu.checks.common import (
     require_tensor,
     shape_str,
 )
+from lokr_edu.kron import numerical_rank
 from lokr_edu.lowrank import adapter_shapes, lora_delta
 from lokr_edu.sd15 import kohya_key
 
@@ -25,6 +27,10 @@ __all__ = [
     "check_kohya_key",
     "check_split_adapter",
     "check_lokr_reshape",
+    "check_lora_delta_from_file",
+    "check_eta_prediction",
+    "check_stacked_adapters",
+    "check_mergeable_lora",
 ]
 
 
@@ -56,6 +62,8 @@ def check_lora_linear(lora_linear_class: type[nn.Module]) -> None:
             continue
         if torch.allclose(got, x @ (base.weight + eta * layer.up @ layer.down).T + base.bias):
             hint = "the LoRA branch is scaled by α/r = 6/3 = 2; it is missing"
+        elif torch.allclose(got, x @ (base.weight + eta * delta / 4).T + base.bias):
+            hint = "the scale is α/r = 6/3 = 2, not r/α = 3/6: self.alpha / self.rank"
         elif torch.allclose(got, x @ (base.weight + delta).T + base.bias):
             hint = "multiply the LoRA branch by self.strength (η)"
         elif torch.allclose(got, x @ (base.weight + eta * delta).T):
@@ -266,4 +274,225 @@ def check_lokr_reshape(lokr_reshape: Callable[..., torch.Tensor]) -> None:
     passed(
         "lokr_reshape computes scale·(W1 ⊗ w2a·w2b)·x and its gradients on "
         f"{len(LOKR_CASES)} shapes, batches included, without torch.kron"
+    )
+
+
+def check_lora_delta_from_file(lora_delta_from_file: Callable[[dict], torch.Tensor]) -> None:
+    """Exercise 4.6 (debug): one kohya LoRA group {lora_down.weight, lora_up.weight, alpha} ->
+    ΔW = (α/r)·up @ down, m × n (out × in), r = down.shape[0]."""
+    for case, (m, n, r, alpha) in enumerate([(6, 4, 2, 8.0), (3, 7, 1, 1.0), (5, 5, 3, 6.0)]):
+        down, up = random_tensor(r, n, seed=50 + case), random_tensor(m, r, seed=60 + case)
+        tensors = {
+            "lora_down.weight": down.clone(),
+            "lora_up.weight": up.clone(),
+            "alpha": torch.tensor(alpha, dtype=torch.float64),
+        }
+        context = f"for a {m} × {n} layer, r = {r}, alpha = {alpha}"
+        got = call_student("lora_delta_from_file", lora_delta_from_file, tensors, context=context)
+        if isinstance(got, torch.Tensor) and tuple(got.shape) == (n, m) and m != n:
+            raise CheckError(
+                f"lora_delta_from_file returned shape {(n, m)} {context}: that is ΔWᵀ. ΔW is "
+                f"m × n (out × in) = up @ down, ({m} × {r}) @ ({r} × {n}); down.T @ up.T is its "
+                "transpose"
+            )
+        require_tensor("lora_delta_from_file", got, (m, n), context)
+        want = lora_delta(down, up, alpha)
+        if torch.allclose(got, want):
+            continue
+        product = up @ down
+        guesses = [
+            (r / alpha, f"the scale is α/r = {alpha:g}/{r}; r/α inverts it"),
+            (1.0, f"the scale α/r = {alpha:g}/{r} is missing"),
+            (alpha, f"divide α by the rank r = down.shape[0] = {r}"),
+            (
+                alpha / n,
+                f"r is down.shape[0] = {r} (down is r × n); you read n = {n} off the other axis",
+            ),
+            (alpha / m, f"r is down.shape[0] = {r}; you divided by up.shape[0] = m = {m}"),
+        ]
+        hint = "ΔW = (alpha / r) · up @ down with r = down.shape[0]"
+        for scale, text in guesses:
+            if torch.allclose(got, scale * product):
+                hint = text
+                break
+        raise CheckError(f"lora_delta_from_file is still wrong {context}: {hint}")
+    passed("lora_delta_from_file reads a kohya LoRA group: ΔW = (α/r)·up @ down, out × in")
+
+
+def _eta_outputs(model: nn.Module, x: torch.Tensor) -> dict[float, torch.Tensor]:
+    outputs = {}
+    for eta in (0.0, 0.5, 1.0):
+        set_strength(model, eta)
+        with torch.no_grad():
+            outputs[eta] = model(x)
+    return outputs
+
+
+def _eta_gap(model: nn.Module, seed: int) -> float:
+    """‖y(0.5) − (y(0) + y(1))/2‖ / ‖y(1) − y(0)‖ for random non-zero adapters."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(random_tensor(*p.shape, seed=seed) * 0.5)
+                seed += 1
+    x = random_tensor(16, model[0].base.in_features, seed=seed)
+    y = _eta_outputs(model, x)
+    return float((y[0.5] - (y[0.0] + y[1.0]) / 2).norm() / (y[1.0] - y[0.0]).norm())
+
+
+def check_eta_prediction(prediction: tuple[bool, bool]) -> None:
+    """Exercise 4.7 (predict): is the output at η = 0.5 the average of the outputs at η = 0 and
+    η = 1, (a) for one adapted Linear, (b) for a three-layer ReLU network with LoRA on all three?"""
+    torch.manual_seed(0)
+    one = nn.Sequential(nn.Linear(8, 6)).double()
+    inject(one, "0", method="lora", rank=2, alpha=2.0)
+    net = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+    ).double()
+    inject(net, ["0", "2", "4"], method="lora", rank=2, alpha=2.0)
+    gaps = (_eta_gap(one, seed=70), _eta_gap(net, seed=80))
+    want = tuple(gap < 1e-9 for gap in gaps)
+    if not (
+        isinstance(prediction, tuple)
+        and len(prediction) == 2
+        and all(isinstance(v, bool) for v in prediction)
+    ):
+        raise CheckError(
+            f"write your prediction as two booleans, (one layer, network), got {prediction!r}"
+        )
+    one_gap = "0 (to rounding)" if gaps[0] < 1e-9 else f"{gaps[0]:.2g}"
+    measured = (
+        f"measured ‖y(0.5) − average‖ / ‖y(1) − y(0)‖ = {one_gap} for one layer and "
+        f"{gaps[1]:.2f} for the network"
+    )
+    if prediction == want:
+        passed(
+            f"{measured}: one layer's output base(x) + η·ΔW·x is a straight line in η; through "
+            "three adapted layers η multiplies η (and ReLU bends the rest), so η = 0.5 is not "
+            "half of the adapter's effect"
+        )
+        return
+    if prediction[0] != want[0]:
+        hint = (
+            "(a) one layer computes base(x) + η·ΔW·x: affine in η, so the midpoint is exact, "
+            "to rounding"
+        )
+    else:
+        hint = (
+            "(b) layer 2 receives layer 1's output, which has already moved by η·ΔW₁x, and "
+            "multiplies it by W₂ + η·ΔW₂: terms in η² and η³ appear, and ReLU is not linear "
+            "either, so η = 0.5 is not the average of η = 0 and η = 1"
+        )
+    raise CheckError(f"you predicted {prediction}, the truth is {want}; {measured}: {hint}")
+
+
+def check_stacked_adapters(layer: nn.Module) -> None:
+    """Exercise 4.8 (explore): two LoRA adapters "a" and "b" of rank 3 on one nn.Linear(12, 10),
+    each ΔW of rank 3, whose sum, measured from the layer's outputs, has rank at most 3."""
+    if not isinstance(layer, AdapterLayer):
+        raise CheckError(f"layer must be an AdapterLayer, got {type(layer).__name__}")
+    base = layer.base
+    if not (isinstance(base, nn.Linear) and tuple(base.weight.shape) == (10, 12)):
+        raise CheckError(f"the base layer must be nn.Linear(12, 10), got {base}")
+    if set(layer.adapters) != {"a", "b"}:
+        raise CheckError(
+            f"the layer must hold adapters 'a' and 'b', found {sorted(layer.adapters)}"
+        )
+    rtol = 100 * 12 * torch.finfo(base.weight.dtype).eps  # rounding of the layer's dtype
+    for name, adapter in layer.adapters.items():
+        if not isinstance(adapter, LoRA) or adapter.rank != 3:
+            raise CheckError(f"adapter {name!r} must be a LoRA of rank 3, got {adapter!r}")
+        if not layer.enabled[name] or name in layer.merged or layer.strength[name] == 0:
+            raise CheckError(
+                f"adapter {name!r} must be enabled, unmerged and with a strength ≠ 0, so that "
+                "the outputs show it"
+            )
+        own = numerical_rank(adapter.delta_weight().detach(), rtol=rtol)
+        if own != 3:
+            raise CheckError(
+                f"adapter {name!r} alone has ΔW of rank {own}; each must have rank 3 (a zero "
+                "lora_up, as initialised, gives rank 0: give it values)"
+            )
+    eye = torch.eye(12, dtype=base.weight.dtype, device=base.weight.device)
+    with torch.no_grad():
+        total = (layer(eye) - base(eye)).T  # column j: the update applied to e_j
+    rank = numerical_rank(total, rtol=rtol)
+    if rank > 3:
+        hint = (
+            "the two updates add up: η_a·ΔW_a + η_b·ΔW_b = [up_a, up_b] · diag(scales) · "
+            "[down_a; down_b], one LoRA of rank ≤ 6, and random factors reach 6. Make b's "
+            "columns live in a's column space, lora_up_b = lora_up_a @ M with M 3 × 3 "
+            "invertible (or share the row space through lora_down)"
+        )
+        raise CheckError(f"the total update measured from the outputs has rank {rank}: {hint}")
+    passed(
+        f"the stacked update has rank {rank} although each adapter has rank 3: two stacked "
+        "LoRAs are one LoRA with concatenated factors, and their ranks add only when their "
+        "column and row spaces are independent"
+    )
+
+
+def check_mergeable_lora(mergeable_class: type[nn.Module]) -> None:
+    """Exercise 4.9 (debug): a LoRA layer with merge(), unmerge() and set_strength(η) whose
+    outputs never depend on whether it is merged, and whose base weight comes back."""
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5).double()
+    W0 = base.weight.detach().clone()
+    layer = call_student(
+        "MergeableLoRA", mergeable_class, base, 3, 6.0, context="for (base, 3, 6.0)"
+    )
+    with torch.no_grad():
+        layer.down.copy_(random_tensor(3, 7, seed=90))
+        layer.up.copy_(random_tensor(5, 3, seed=91))
+    x = random_tensor(9, 7, seed=92)  # full column rank: the outputs pin the weight down
+    delta = lora_delta(layer.down.detach(), layer.up.detach(), 6.0)
+
+    def expect(eta: float) -> torch.Tensor:
+        return x @ (W0 + eta * delta).T + base.bias
+
+    previous = [1.0]  # the η of the last step that was right
+
+    def run(step: str, action: Callable[[], object], eta: float) -> None:
+        call_student("MergeableLoRA", action, context=f"in step '{step}'")
+        with torch.no_grad():
+            got = call_student("MergeableLoRA.forward", layer, x, context=f"after '{step}'")
+        if torch.allclose(got, expect(eta)):
+            previous[0] = eta
+            return
+        update = x @ delta.T
+        acts_as = float(((got - expect(0.0)) * update).sum() / (update * update).sum())
+        if torch.allclose(got, expect(2 * eta)):
+            hint = (
+                "η·ΔW is counted twice: once in the merged weight and once by the branch; a "
+                "merged layer must skip its LoRA branch"
+            )
+        elif torch.allclose(got, expect(0.0)) and eta != 0:
+            hint = (
+                "the update vanished: the branch is skipped as if the layer were merged, but "
+                "η·ΔW is not in the weight (does unmerge clear the merged state?)"
+            )
+        elif "strength" in step and torch.allclose(got, expect(previous[0])):
+            hint = (
+                "changing η on a merged layer must take the old η·ΔW out of the weight (unmerge) "
+                "and put the new one in (merge); otherwise the weight keeps the old strength"
+            )
+        elif torch.allclose(got, expect(acts_as)):
+            hint = (
+                f"the layer acts as W + {acts_as:g}·ΔW: the base weight did not come back to W "
+                "plus exactly the merged η·ΔW; unmerge must subtract the η that was merged, once"
+            )
+        else:
+            hint = f"expected the output of base weight W + {eta:g}·ΔW"
+        raise CheckError(f"after '{step}' the output is wrong (η = {eta:g}): {hint}")
+
+    run("merge()", layer.merge, 1.0)
+    run("set_strength(0.3) while merged", lambda: layer.set_strength(0.3), 0.3)
+    run("set_strength(-1.0) while merged", lambda: layer.set_strength(-1.0), -1.0)
+    run("unmerge()", layer.unmerge, -1.0)
+    run("set_strength(2.0) unmerged", lambda: layer.set_strength(2.0), 2.0)
+    run("merge() again", layer.merge, 2.0)
+    run("unmerge() again", layer.unmerge, 2.0)
+    passed(
+        "merged or not, the layer computes base(x) + η·ΔW·x through merge, set_strength and "
+        "unmerge, and the base weight comes back"
     )
