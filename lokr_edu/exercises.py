@@ -28,8 +28,32 @@ SOLUTIONS = REPO / "solutions"
 EXERCISES = REPO / "exercises"
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 TITLE = re.compile(r"^# (Exercise \d+\.\d+): (.+)$")
+KINDS = ("implement", "predict", "derive", "explore", "debug")
+# the markdown heading above each exercise: "## Exercise 3.2 — predict ★★ (10 min): title"
+HEADING = re.compile(
+    r"^## (Exercise \d+\.\d+) — (" + "|".join(KINDS) + r") (★{1,3}) \((\d+) min\)", re.M
+)
 
-__all__ = ["exercise_path", "exercise_title", "stub_cell_source", "build_notebook", "main"]
+__all__ = [
+    "KINDS",
+    "exercise_kinds",
+    "exercise_path",
+    "exercise_title",
+    "stub_cell_source",
+    "build_notebook",
+    "main",
+]
+
+
+def exercise_kinds(solution: Path) -> dict[str, str]:
+    """{"Exercise N.M": kind} from a solutions notebook's exercise headings, in order."""
+    nb = nbformat.read(solution, as_version=4)
+    return {
+        match.group(1): match.group(2)
+        for cell in nb.cells
+        if cell.cell_type == "markdown"
+        for match in HEADING.finditer(cell.source)
+    }
 
 
 def exercise_path(solution: Path) -> Path:

@@ -14,6 +14,7 @@ from lokr_edu.exercises import (
     SOLUTIONS,
     TITLE,
     build_notebook,
+    exercise_kinds,
     exercise_path,
     exercise_title,
     main,
@@ -85,6 +86,22 @@ def test_each_solution_has_at_least_four_exercises(solution: Path) -> None:
     for cell in nb.cells:
         if cell.cell_type == "code" and exercise_title(cell.source):
             assert "checks.check_" in cell.source, f"{exercise_title(cell.source)} calls no check"
+
+
+# chapters whose exercises teach beyond re-implementing: ≥ 5 exercises, ≥ 3 not "implement"
+BEYOND_IMPLEMENT = ["01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("solution", SOLUTION_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_exercise_heading_states_kind_difficulty_and_time(solution: Path) -> None:
+    nb = nbformat.read(solution, as_version=4)
+    titles = [exercise_title(c.source) for c in nb.cells if c.cell_type == "code"]
+    titles = [t.split(":")[0] for t in titles if t]
+    kinds = exercise_kinds(solution)
+    assert list(kinds) == titles, "each exercise needs a heading '## Exercise N.M — kind ★ (N min)'"
+    if solution.name[:2] in BEYOND_IMPLEMENT:
+        assert len(kinds) >= 5, kinds
+        assert sum(kind != "implement" for kind in kinds.values()) >= 3, kinds
 
 
 @pytest.mark.parametrize("solution", SOLUTION_NOTEBOOKS, ids=lambda p: p.stem)
