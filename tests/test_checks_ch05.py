@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from check_cases import check_tests
 import torch
+from check_cases import check_tests
 from torch import nn
 
 from lokr_edu import checks
