@@ -19,10 +19,11 @@ from lokr_edu.checks.ch06 import TEXT_READING, corner_mask, map_setup, token_wei
 from lokr_edu.lowrank import count_params
 
 
-def attention(x, context, W_q, W_k, W_v, W_o, b_o, heads, scale=True, split=True):
+def attention(x, context, W_q, W_k, W_v, W_o, b_o, heads, scale=True, split=True, whole=False):
     h = heads if split else 1
     q, k, v = (split_heads(t, h) for t in (x @ W_q.T, context @ W_k.T, context @ W_v.T))
-    scores = q @ k.transpose(-1, -2) / (math.sqrt(q.shape[-1]) if scale else 1.0)
+    d = x.shape[-1] if whole else q.shape[-1]  # whole: the mistake of scaling by √d_model
+    scores = q @ k.transpose(-1, -2) / (math.sqrt(d) if scale else 1.0)
     out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
     return out @ W_o.T + b_o
 
@@ -106,6 +107,7 @@ CASES = [
         reference_attention,
         [
             (lambda *a: attention(*a, scale=False), "divide the scores by √d"),
+            (lambda *a: attention(*a, whole=True), "not by √d_model"),
             (lambda *a: attention(*a, split=False), "single-head attention"),
             (softmax_over_queries, "softmax over the context tokens"),
         ],

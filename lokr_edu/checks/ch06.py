@@ -107,6 +107,16 @@ def check_attention(attention: Callable[..., torch.Tensor]) -> None:
         unscaled = dict(weights, W_q=weights["W_q"] * math.sqrt(d_model // heads))
         if torch.allclose(got, multi_head_attention(x, context_tokens, unscaled, heads)):
             hint = "divide the scores by √d, with d = d_model / heads (the width of one head)"
+        elif torch.allclose(
+            got,
+            multi_head_attention(
+                x,
+                context_tokens,
+                dict(weights, W_q=weights["W_q"] * math.sqrt((d_model // heads) / d_model)),
+                heads,
+            ),
+        ):
+            hint = "d is the width of one head, d_model / heads: divide by √d, not by √d_model"
         elif torch.allclose(got, multi_head_attention(x, context_tokens, weights, 1)):
             hint = "that is single-head attention: split Q, K, V into heads first"
         else:
@@ -241,8 +251,7 @@ def check_causal_weights(
             row = torch.isnan(got).any(-1).nonzero()[0, -1].item()
             hint = (
                 f"row {row} is NaN: its scores are all −∞ and softmax divides 0 by 0. Every "
-                "token must see at least itself: −∞ strictly above the diagonal "
-                "(torch.triu(…, diagonal=1))"
+                "token must see at least itself, so the −∞ belong strictly above the diagonal"
             )
         elif not torch.allclose(rows, torch.ones_like(rows)):
             hint = (
@@ -337,7 +346,7 @@ def check_to_q_experiment(trained: torch.nn.Module) -> None:
         "a to_q adapter moved token 3's attention with the keys untouched: the pixels ask "
         "differently, and what token 3 gains in a row the other tokens lose\n"
         f"  token {MAP_TOKEN}'s share inside the corner: "
-        f"{share['before']:.2f} -> {share['after']:.2f}\n"
+        f"{share['before']:.1f} -> {share['after']:.1f}\n"
         f"  corner pixels' attention to token {MAP_TOKEN}: {inside['before']:.2f} -> "
         f"{inside['after']:.2f}; to the other 7 tokens together: {1 - inside['before']:.2f} -> "
         f"{1 - inside['after']:.2f} (each row still sums to 1)"
