@@ -158,13 +158,14 @@ CASES = [
     ),
     (
         checks.check_to_q_experiment,
-        to_q_experiment(),
+        to_q_experiment,
         [
-            (map_setup()[0], "no adapter"),
-            (to_q_experiment(["to_k"], steps=1), "adapters sit on ['to_k']"),
-            (to_q_experiment(steps=0), "train the adapter"),
-            (to_q_experiment(steps=3, unfreeze=True), "the base weight"),
-            ("to_q", "return the trained attention module"),
+            (lambda: map_setup()[0], "no adapter"),
+            (lambda: to_q_experiment(["to_k"], steps=1), "adapters sit on ['to_k']"),
+            (lambda: to_q_experiment(steps=0), "train the adapter"),
+            (lambda: to_q_experiment(steps=3, unfreeze=True), "the base weight"),
+            (lambda: "to_q", "return the trained attention module"),
+            (lambda: map_setup()[0].to_v(None), "to_q_experiment raised TypeError when run"),
         ],
     ),
 ]

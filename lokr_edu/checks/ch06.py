@@ -302,10 +302,11 @@ def token_weights(
     return attention_weights(q, k)[0].mean(0)
 
 
-def check_to_q_experiment(trained: torch.nn.Module) -> None:
+def check_to_q_experiment(experiment: Callable[[], torch.nn.Module]) -> None:
     """Exercise 6.8 (explore): a LoRA on to_q only, trained to pull token 3 into the corner."""
     from lokr_edu.adapters import adapter_layers
 
+    trained = call_student("to_q_experiment", experiment, context="when run")
     fresh, pixels, prompt = map_setup()
     if not isinstance(trained, torch.nn.Module) or not hasattr(trained, "to_q"):
         raise CheckError(f"return the trained attention module, got {type(trained).__name__}")
