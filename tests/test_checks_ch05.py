@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from check_cases import check_tests
 from torch import nn
 
@@ -16,6 +17,35 @@ def freeze_all_but_biases(model: nn.Module) -> None:
 
 def freeze_weights_only_of_first(model: nn.Module) -> None:
     model[0].weight.requires_grad_(False)
+
+
+def freeze_base(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(".adapters." in name)
+
+
+def freeze_weights_by_suffix(model: nn.Module) -> None:  # the broken one of exercise 5.6
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and ".adapters." not in name:
+            p.requires_grad = False
+
+
+def freeze_copies(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if ".adapters." not in name:
+            p.data.requires_grad = False
+
+
+def freeze_first_layer_only(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if name.startswith("0.") and ".adapters." not in name:
+            p.requires_grad_(False)
+
+
+def freeze_and_reset(model: nn.Module) -> None:
+    freeze_base(model)
+    with torch.no_grad():
+        model[0].base.bias.zero_()
 
 
 def zero_weights(model: nn.Module) -> None:
@@ -63,6 +93,32 @@ CASES = [
         [
             (freeze_weights_only_of_first, "True only for biases"),
             (zero_weights, "changed parameter values"),
+        ],
+    ),
+    (
+        checks.check_predict_bigger_adapter,
+        "LoKr r=8",
+        [("LoRA r=1", "but LoKr r=8 has more"), ("lokr", "write one of")],
+    ),
+    (
+        checks.check_freeze_base,
+        freeze_base,
+        [
+            (freeze_weights_by_suffix, "the biases are part of the base model too"),
+            (lambda m: m.requires_grad_(False), "froze the adapter too"),
+            (freeze_copies, "froze nothing"),
+            (freeze_first_layer_only, "base parameters still train: 2.base.weight"),
+            (freeze_and_reset, "changed parameter values"),
+        ],
+    ),
+    (
+        checks.check_lokr_beats_lora,
+        0.03,
+        [
+            (0.001, "neither has learned the task"),
+            (0.003, "LoKr does not beat LoRA"),
+            (0.0, "give a learning rate"),
+            ("3e-2", "give a learning rate"),
         ],
     ),
 ]

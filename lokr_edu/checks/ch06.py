@@ -7,7 +7,14 @@ from collections.abc import Callable
 
 import torch
 
-from lokr_edu.attention import causal_mask, multi_head_attention, split_heads
+from lokr_edu.attention import (
+    adapter_params_by_part,
+    attention_weights,
+    causal_mask,
+    effective_weight,
+    multi_head_attention,
+    split_heads,
+)
 from lokr_edu.checks.common import CheckError, call_student, passed, random_tensor, require_tensor
 from lokr_edu.lowrank import count_params
 
@@ -16,6 +23,10 @@ __all__ = [
     "check_causal_mask",
     "check_attention",
     "check_block_lora_params",
+    "check_predict_text_reading_params",
+    "check_score_std",
+    "check_causal_weights",
+    "check_to_q_experiment",
 ]
 
 
@@ -96,6 +107,16 @@ def check_attention(attention: Callable[..., torch.Tensor]) -> None:
         unscaled = dict(weights, W_q=weights["W_q"] * math.sqrt(d_model // heads))
         if torch.allclose(got, multi_head_attention(x, context_tokens, unscaled, heads)):
             hint = "divide the scores by √d, with d = d_model / heads (the width of one head)"
+        elif torch.allclose(
+            got,
+            multi_head_attention(
+                x,
+                context_tokens,
+                dict(weights, W_q=weights["W_q"] * math.sqrt((d_model // heads) / d_model)),
+                heads,
+            ),
+        ):
+            hint = "d is the width of one head, d_model / heads: divide by √d, not by √d_model"
         elif torch.allclose(got, multi_head_attention(x, context_tokens, weights, 1)):
             hint = "that is single-head attention: split Q, K, V into heads first"
         else:
@@ -134,3 +155,200 @@ def check_block_lora_params(block_lora_params: Callable[[int, int, int], int]) -
             hint = "sum r·(d_in + d_out) over the four projections"
         raise CheckError(f"{call} returned {got}; expected {want}: {hint}")
     passed("block_lora_params counts the four projections of self- and cross-attention")
+
+
+# ---- exercises 6.5–6.8: predict, derive, debug, explore ----------------------------------------
+
+TEXT_READING = "U-Net cross-attention k, v (read the text)"
+
+
+def check_predict_text_reading_params(prediction: int) -> None:
+    """Exercise 6.5: LoRA r = 1 parameters on every attn2.to_k and attn2.to_v of SD1.5's U-Net."""
+    if isinstance(prediction, bool) or not isinstance(prediction, int):
+        raise CheckError(f"prediction is {prediction!r}: write a whole number, e.g. 12_345")
+    truth = adapter_params_by_part("diffusers", "lora", rank=1)[TEXT_READING]
+    if prediction == truth:
+        passed(
+            f"{truth:,} LoRA r = 1 numbers read the text: "
+            "16 blocks × 2 projections × (768 + d_model)"
+        )
+        return
+    widths = [320] * 5 + [640] * 5 + [1280] * 6  # d_model of the 16 cross-attention blocks
+    image_side = sum(2 * (d + d) for d in widths)  # attn2.to_q and attn2.to_out.0
+    hints = {
+        4 * truth: "that is the chapter's table, at r = 4; every count is proportional to r",
+        truth // 2: "to_k and to_v both read the text: count both",
+        sum(2 * (d + d) for d in widths): (
+            "to_k and to_v take the 768-wide text as input: r·(768 + d_model), not r·(2·d_model)"
+        ),
+        sum(2 * d for d in widths): "a LoRA has two factors: r·d_in for A and r·d_out for B",
+        truth + image_side: "to_q and to_out.0 work on the image side: only k and v read the text",
+    }
+    hint = hints.get(
+        prediction,
+        "there are 16 cross-attention blocks (widths 320 ×5, 640 ×5, 1280 ×6); each to_k and "
+        "to_v is 768 → d_model, and LoRA r = 1 costs 768 + d_model there",
+    )
+    raise CheckError(
+        f"you predicted {prediction:,}; the truth is {truth:,} "
+        f"({prediction / truth:.2f}× the truth): {hint}"
+    )
+
+
+def check_score_std(score_std: Callable[[int, bool], float]) -> None:
+    """Exercise 6.6 (derive): the std of q·k (and of q·k/√d) for independent N(0, 1) entries."""
+    generator = torch.Generator().manual_seed(0)
+    samples = 4000
+    for d in [1, 2, 3, 5, 8, 16, 40, 64, 100, 160, 320, 768]:  # the search for a counterexample
+        q = torch.randn(samples, d, generator=generator, dtype=torch.float64)
+        k = torch.randn(samples, d, generator=generator, dtype=torch.float64)
+        scores = (q * k).sum(-1)
+        for scaled in [False, True]:
+            measured = (scores / math.sqrt(d) if scaled else scores).std().item()
+            call = f"score_std({d}, scaled={scaled})"
+            got = call_student("score_std", score_std, d, scaled, context=f"for {call}")
+            if isinstance(got, torch.Tensor):
+                got = got.item()
+            if not isinstance(got, int | float):
+                raise CheckError(f"{call} returned {type(got).__name__}; expected a number")
+            if abs(got - measured) <= 0.06 * measured:
+                continue
+            if d > 1 and abs(got - measured**2) <= 0.1 * measured**2:
+                hint = "that is the variance (d for q·k): the standard deviation is its square root"
+            elif scaled and d > 1 and abs(got - 1 / math.sqrt(d)) < 1e-9:
+                hint = "dividing by √d divides the standard deviation by √d: √d / √d"
+            elif not scaled and abs(got - 1.0) < 1e-9:
+                hint = (
+                    "q·k adds d independent products, each of variance 1: variances add, so "
+                    "Var(q·k) = d"
+                )
+            else:
+                hint = "Var(q_i·k_i) = E[q_i²]·E[k_i²] = 1, and the d products are independent"
+            raise CheckError(
+                f"counterexample: {call} returned {got:.3g}, but {samples} samples measure "
+                f"{measured:.3g}: {hint}"
+            )
+    passed(
+        "score_std matches the measured spread for every d tried: q·k grows like √d, and "
+        "dividing by √d keeps the scores O(1) at every width"
+    )
+
+
+def check_causal_weights(
+    causal_weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    """Exercise 6.7 (debug): softmax(Q·Kᵀ/√d + M) with CLIP's causal mask, rows summing to 1."""
+    for tokens, d in [(5, 4), (77, 64), (1, 8)]:
+        q, k = random_tensor(2, 3, tokens, d, seed=tokens), random_tensor(2, 3, tokens, d, seed=d)
+        where = f"for {tokens} tokens"
+        got = call_student("causal_weights", causal_weights, q, k, context=where)
+        require_tensor("causal_weights", got, (2, 3, tokens, tokens), where)
+        want = attention_weights(q, k, causal_mask(tokens, q.dtype))
+        if torch.allclose(got, want):
+            continue
+        rows = got.sum(-1)
+        if torch.isnan(got).any():
+            row = torch.isnan(got).any(-1).nonzero()[0, -1].item()
+            hint = (
+                f"row {row} is NaN: its scores are all −∞ and softmax divides 0 by 0. Every "
+                "token must see at least itself, so the −∞ belong strictly above the diagonal"
+            )
+        elif not torch.allclose(rows, torch.ones_like(rows)):
+            hint = (
+                "the rows no longer sum to 1: masking after the softmax (or replacing NaN by 0) "
+                "drops probability; add the −∞ mask to the scores before the softmax"
+            )
+        elif (got.triu(diagonal=1) > 0).any():
+            hint = "a token attends to a later token: the −∞ go above the diagonal, t' > t"
+        elif tokens > 1 and (got.diagonal(dim1=-2, dim2=-1)[..., 1:] == 0).all():
+            hint = "no token attends to itself: the diagonal must stay 0 in the mask"
+        else:
+            hint = "the causal part is right; check the scores: Q·Kᵀ / √d with d = q.shape[-1]"
+        raise CheckError(f"causal_weights is wrong {where}: {hint}")
+    passed("causal_weights: each token attends to itself and the tokens before it, rows sum to 1")
+
+
+# the attention-map experiment of exercise 6.8: one cross-attention block, 16×16 pixels, 8 tokens
+MAP_TOKEN, MAP_CORNER = 3, 6
+
+
+def map_setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(an untrained diffusers cross-attention, 16×16 pixels with an object in the top-left
+    corner, an 8-token prompt): the same every call."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    module = Attention(query_dim=32, cross_attention_dim=32, heads=4, dim_head=8, bias=False)
+    pixels = 0.1 * torch.randn(16, 16, 32)
+    pixels[:MAP_CORNER, :MAP_CORNER] += torch.randn(32)  # the "object"
+    prompt = torch.randn(1, 8, 32)
+    return module.eval(), pixels.reshape(1, 256, 32), prompt
+
+
+def corner_mask() -> torch.Tensor:
+    corner = torch.zeros(16, 16, dtype=torch.bool)
+    corner[:MAP_CORNER, :MAP_CORNER] = True
+    return corner.reshape(256)
+
+
+def token_weights(
+    module: torch.nn.Module, pixels: torch.Tensor, prompt: torch.Tensor
+) -> torch.Tensor:
+    """(256 pixels, 8 tokens): each pixel's attention over the prompt, averaged over heads, with
+    W̃ = W + η·ΔW read off adapted projections."""
+    W_q, _ = effective_weight(module.to_q)
+    W_k, _ = effective_weight(module.to_k)
+    q, k = split_heads(pixels @ W_q.T, module.heads), split_heads(prompt @ W_k.T, module.heads)
+    return attention_weights(q, k)[0].mean(0)
+
+
+def check_to_q_experiment(experiment: Callable[[], torch.nn.Module]) -> None:
+    """Exercise 6.8 (explore): a LoRA on to_q only, trained to pull token 3 into the corner."""
+    from lokr_edu.adapters import adapter_layers
+
+    trained = call_student("to_q_experiment", experiment, context="when run")
+    fresh, pixels, prompt = map_setup()
+    if not isinstance(trained, torch.nn.Module) or not hasattr(trained, "to_q"):
+        raise CheckError(f"return the trained attention module, got {type(trained).__name__}")
+    wrapped = sorted(name for name, _ in adapter_layers(trained))
+    if not wrapped:
+        raise CheckError("the module has no adapter: inject a LoRA on 'to_q' first")
+    if wrapped != ["to_q"]:
+        raise CheckError(
+            f"adapters sit on {wrapped}: this experiment puts one on to_q only, "
+            "so that the keys (and so the text side) stay exactly as they were"
+        )
+    base_q = trained.to_q.base.weight
+    for name, p in fresh.named_parameters():
+        mine = base_q if name == "to_q.weight" else trained.get_parameter(name)
+        if not torch.equal(mine, p):
+            raise CheckError(
+                f"the base weight {name} changed: only the adapter's parameters should train "
+                "(inject freezes the rest; do not unfreeze it)"
+            )
+    corner = corner_mask()
+    with torch.no_grad():
+        before, after = token_weights(fresh, pixels, prompt), token_weights(trained, pixels, prompt)
+    share = {
+        label: (w[corner, MAP_TOKEN].sum() / w[:, MAP_TOKEN].sum()).item()
+        for label, w in [("before", before), ("after", after)]
+    }
+    if share["after"] < 2 * share["before"]:
+        raise CheckError(
+            f"token {MAP_TOKEN}'s share of attention inside the corner went from "
+            f"{share['before']:.2f} to {share['after']:.2f}: train the adapter (its B factor "
+            "starts at zero, so an untrained LoRA changes nothing)"
+        )
+    inside = {
+        label: w[corner, MAP_TOKEN].mean().item()
+        for label, w in [("before", before), ("after", after)]
+    }
+    passed(
+        "a to_q adapter moved token 3's attention with the keys untouched: the pixels ask "
+        "differently, and what token 3 gains in a row the other tokens lose\n"
+        f"  token {MAP_TOKEN}'s share inside the corner: "
+        f"{share['before']:.1f} -> {share['after']:.1f}\n"
+        f"  corner pixels' attention to token {MAP_TOKEN}: {inside['before']:.2f} -> "
+        f"{inside['after']:.2f}; to the other 7 tokens together: {1 - inside['before']:.2f} -> "
+        f"{1 - inside['after']:.2f} (each row still sums to 1)"
+    )
