@@ -94,6 +94,20 @@ CHAPTERS: list[Chapter] = [
 ]
 
 
+def _kind_counts(chapter: Chapter) -> str:
+    """ "(8: 5 implement, 1 predict, ...)": the chapter's exercises by kind, read off the headings
+    of its solutions notebook (`lokr_edu.exercises.exercise_kinds`)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from lokr_edu.exercises import KINDS, exercise_kinds
+
+    solution = chapter.exercises.replace("exercises", "solutions")
+    kinds = Counter(exercise_kinds(Path(__file__).resolve().parent.parent / solution).values())
+    parts = ", ".join(f"{kinds[k]} {k}" for k in KINDS if kinds[k])
+    return f"({sum(kinds.values())}: {parts})"
+
+
 def markdown_table() -> str:
     """The README's syllabus table (tests/test_project.py checks the README contains it)."""
     lines = [
@@ -104,7 +118,7 @@ def markdown_table() -> str:
         notebook = f"[{c.notebook}]({c.notebook})" if c.ready else c.notebook
         module = ", ".join(f"`{m}`" for m in c.modules) or "—"
         time = f"~{c.cpu_seconds} s" if c.ready else "planned"
-        exercises = f"[{c.exercises}]({c.exercises})" if c.exercises else "—"
+        exercises = f"[{c.exercises}]({c.exercises}) {_kind_counts(c)}" if c.exercises else "—"
         lines.append(
             f"| {c.number} | {c.title} | {notebook} | {module} | {c.needs} | {time} | {exercises} |"
         )
