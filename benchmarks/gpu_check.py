@@ -32,14 +32,16 @@ checkpointing setting: below 1 is faster / smaller. Writes benchmarks/results/gp
 
 --dry-run runs the same code on the CPU: the shipped tiny pipeline (lokr_edu.digits_sd, 8×8
 pixels), bf16 autocast standing in for fp16 (no loss scaling), 1 warm-up and 2 timed steps.
-There is no CUDA allocator there: "allocated" is the bytes of the tensors held before a step
-(every weight and the optimizer state) plus the peak of torch's CPU allocations during one more
-step (torch.profiler, profile_memory=True), and "reserved" is not measured.
+There is no CUDA allocator there: "allocated" is the bytes of the tensors held before the timed
+steps (every weight and the optimizer state) plus the peak of torch's CPU allocations during them
+(recorded by torch.profiler with profile_memory=True, which also slows them: a dry run's times
+are no benchmark), and "reserved" is not measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import platform
@@ -57,7 +59,11 @@ from lokr_edu.diffusion import noise_prediction_loss
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
-ADAPTERS = {"peft LoRA r=4": ("peft", 4), "lokr_edu LoRA r=4": ("lora", 4), "lokr_edu LoKr r=8": ("lokr", 8)}
+ADAPTERS = {
+    "peft LoRA r=4": ("peft", 4),
+    "lokr_edu LoRA r=4": ("lora", 4),
+    "lokr_edu LoKr r=8": ("lokr", 8),
+}
 REFERENCE = "peft LoRA r=4"
 COLUMNS = [
     "adapter",
@@ -69,6 +75,7 @@ COLUMNS = [
     "× peft",
     "peak reserved (MiB)",
     "× peft",
+    "mean loss",
 ]
 NO_GPU = (
     "gpu_check: a CUDA GPU is needed (torch.cuda.is_available() is False here). Install the CUDA "
@@ -88,14 +95,14 @@ def build_pipeline(dry_run: bool, device: torch.device, dtype: torch.dtype):
     else:
         from lokr_edu.sd15 import random_pipeline
 
-        pipe = random_pipeline()
+        pipe = random_pipeline(dtype=dtype)  # built on the CPU (20-40 s on 2 cores)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False).to(device, dtype)
     return pipe
 
 
 def add_adapter(unet, kind: str, rank: int) -> None:
-    """Adapt the U-Net's TARGETS; the trained factors in fp32, as cast_training_params leaves them."""
+    """Adapt the U-Net's TARGETS, the trained factors in fp32 (cast_training_params)."""
     from diffusers.training_utils import cast_training_params
 
     torch.manual_seed(0)
@@ -145,7 +152,10 @@ class Trainer:
             text = self.pipe.text_encoder(self.tokens)[0]
         with torch.autocast(device.type, dtype=self.amp_dtype):
             loss = noise_prediction_loss(
-                self.unet, latents * vae.config.scaling_factor, text, self.pipe.scheduler,
+                self.unet,
+                latents * vae.config.scaling_factor,
+                text,
+                self.pipe.scheduler,
                 self.generator,
             )
         self.scaler.scale(loss).backward()
@@ -160,18 +170,17 @@ class Trainer:
         """Bytes of every weight, buffer and optimizer state tensor (what exists between steps)."""
         parts = (self.unet, self.pipe.vae, self.pipe.text_encoder)
         tensors = [t for m in parts for t in itertools.chain(m.parameters(), m.buffers())]
-        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        tensors += [
+            t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def cpu_peak_bytes(self) -> int:
-        """held_bytes plus the peak of torch's CPU allocations during one step (profiled)."""
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        held = self.held_bytes()
-        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-            self.step()
-        events = prof.profiler.kineto_results.events()
-        changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-        return held + max(itertools.accumulate((n for _, n in changes), initial=0))
+
+def profiled_peak(prof) -> int:
+    """The peak of the running sum of torch's CPU allocations and frees recorded by `prof`."""
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    return max(itertools.accumulate((n for _, n in changes), initial=0))
 
 
 def measure(pipe, kind: str, rank: int, checkpointing: bool, args, amp_dtype) -> dict:
@@ -187,15 +196,22 @@ def measure(pipe, kind: str, rank: int, checkpointing: bool, args, amp_dtype) ->
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    losses = [trainer.step() for _ in range(args.steps)]
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+        probe = contextlib.nullcontext()
+    else:  # no CUDA allocator: record the CPU allocator's allocations (dry run only)
+        held = trainer.held_bytes()
+        probe = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+    with probe as prof:
+        start = time.perf_counter()
+        losses = [trainer.step() for _ in range(args.steps)]
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     if cuda:
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     else:
-        allocated, reserved = trainer.cpu_peak_bytes(), None
+        allocated, reserved = held + profiled_peak(prof), None
     row = {
         "kind": kind,
         "checkpointing": checkpointing,
@@ -231,7 +247,9 @@ def run(args) -> list[dict]:
             )
     for row in rows:
         peft = next(
-            r for r in rows if r["adapter"] == REFERENCE and r["checkpointing"] == row["checkpointing"]
+            r
+            for r in rows
+            if r["adapter"] == REFERENCE and r["checkpointing"] == row["checkpointing"]
         )
         row["time_vs_peft"] = peft["steps_per_s"] / row["steps_per_s"]
         row["allocated_vs_peft"] = row["allocated_mib"] / peft["allocated_mib"]
@@ -267,6 +285,7 @@ def table(rows: list[dict]) -> list[str]:
             number(r["allocated_vs_peft"], ".2f"),
             number(r["reserved_mib"], ".1f"),
             number(r["reserved_vs_peft"], ".2f"),
+            f"{r['loss']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -274,23 +293,26 @@ def table(rows: list[dict]) -> list[str]:
 
 def report(rows: list[dict], args, seconds: float) -> str:
     mode = "dry run on the CPU, tiny model, bf16" if args.dry_run else "CUDA, fp16"
-    return "\n".join(
-        [
-            f"# GPU check: SD1.5 adapter training step ({mode})",
-            "",
-            f"Environment: {environment(args.dry_run)}.",
-            f"Batch {args.batch_size}, {args.resolution}×{args.resolution} pixels, "
-            f"{args.warmup} warm-up steps then {args.steps} timed steps per configuration; "
-            f"whole run {seconds:.0f} s. Generated by `python benchmarks/gpu_check.py"
-            f"{' --dry-run' if args.dry_run else ''}` (method: its docstring and "
-            "benchmarks/README.md).",
-            "",
-            *table(rows),
-            "",
-            "× peft: this configuration's step time or peak memory divided by peft's LoRA r=4 "
-            "with the same gradient checkpointing setting (below 1: faster / smaller).",
-        ]
-    ) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# GPU check: SD1.5 adapter training step ({mode})",
+                "",
+                f"Environment: {environment(args.dry_run)}.",
+                f"Batch {args.batch_size}, {args.resolution}×{args.resolution} pixels, "
+                f"{args.warmup} warm-up steps then {args.steps} timed steps per configuration; "
+                f"whole run {seconds:.0f} s. Generated by `python benchmarks/gpu_check.py"
+                f"{' --dry-run' if args.dry_run else ''}` (method: its docstring and "
+                "benchmarks/README.md).",
+                "",
+                *table(rows),
+                "",
+                "× peft: this configuration's step time or peak memory divided by peft's LoRA r=4 "
+                "with the same gradient checkpointing setting (below 1: faster / smaller).",
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text, encoding="utf-8")
     print(text)
     print(f"Whole run: {seconds:.0f} s. Written to {args.out}")
+    if not args.dry_run and seconds > 300:
+        print("note: over the 5-minute budget; fewer --steps would do", file=sys.stderr)
     if not all(math.isfinite(r["loss"]) for r in rows):
         print("warning: a loss was not finite (see the table)", file=sys.stderr)
     return 0
