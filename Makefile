@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-full-arch lint exercises notebooks clean
+.PHONY: install course test test-full-arch gpu-check lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(INSTALLED)
 # Opt-in: one LoKr training step of the full-size SD1.5 U-Net (random weights) on the CPU.
 test-full-arch: $(INSTALLED)
 	$(BIN)/python -m pytest -m full_arch -s tests/test_full_arch.py
+
+# On a CUDA GPU: SD1.5 training steps/s and peak memory, lokr_edu vs peft (benchmarks/README.md).
+# No install step (make install pins the CPU torch): install the CUDA build of torch, then
+# pip install -e ".[dev]" (README, GPUs). Runs .venv's python if there is one, else $(PYTHON).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
