@@ -31,7 +31,7 @@ CUDA context is in neither) over the timed steps. "× peft" divides by peft's Lo
 checkpointing setting: below 1 is faster / smaller. Writes benchmarks/results/gpu_check_<gpu>.md.
 
 --dry-run runs the same code on the CPU: the shipped tiny pipeline (lokr_edu.digits_sd, 8×8
-pixels), bf16 autocast standing in for fp16 (no loss scaling), 1 warm-up and 2 timed steps.
+pixels), bf16 autocast standing in for fp16 (no loss scaling), 1 warm-up and 1 timed step.
 There is no CUDA allocator there: "allocated" is the bytes of the tensors held before the timed
 steps (every weight and the optimizer state) plus the peak of torch's CPU allocations during them
 (recorded by torch.profiler with profile_memory=True, which also slows them: a dry run's times
@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dry-run", action="store_true", help="the CPU, a tiny model, seconds")
-    parser.add_argument("--steps", type=int, help="timed steps per configuration (GPU: 20)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (GPU: 3)")
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU, a tiny model")
+    parser.add_argument("--steps", type=int, help="timed steps per config (GPU: 20; dry run: 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (GPU: 3; dry run: 1)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--resolution", type=int, help="pixels (GPU: 512; dry run: 8)")
     parser.add_argument("--out", type=Path, help="the markdown file to write")
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 2
-    defaults = (2, 1, 8) if args.dry_run else (20, 3, 512)
+    defaults = (1, 1, 8) if args.dry_run else (20, 3, 512)
     for name, value in zip(("steps", "warmup", "resolution"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)
