@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import math
 import platform
@@ -225,6 +226,7 @@ def measure(pipe, kind: str, rank: int, checkpointing: bool, args, amp_dtype) ->
         unet.disable_gradient_checkpointing()
     del trainer
     remove_adapter(unet, kind)
+    gc.collect()  # the adapter, its gradients and optimizer state go before the next configuration
     if cuda:
         torch.cuda.empty_cache()
     return row
