@@ -2,7 +2,7 @@
 lokr_edu's LoRA and LoKr against peft's LoRA, in one run.
 
     make gpu-check                                  # a CUDA GPU; under 5 minutes
-    python benchmarks/gpu_check.py --dry-run        # every code path on the CPU, in seconds
+    python benchmarks/gpu_check.py --dry-run        # every code path on the CPU, about a minute
 
 What one step is: the training step of lokr_edu.diffusion.train and of diffusers'
 train_text_to_image_lora.py at 512×512, batch 1. Fixed random pixels are encoded by the VAE and
