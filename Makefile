@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-fast test-full-arch test-browser slides lint exercises notebooks clean
+.PHONY: install course test test-fast test-full-arch test-browser slides gpu-check lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ slides: $(INSTALLED)
 # screenshots in build/screenshots/.
 test-browser: $(INSTALLED)
 	$(BIN)/python tools/browser_test.py
+
+# On a CUDA GPU: SD1.5 training steps/s and peak memory, lokr_edu vs peft (benchmarks/README.md).
+# No install step (make install pins the CPU torch): install the CUDA build of torch, then
+# pip install -e ".[dev]" (README, GPUs). Runs .venv's python if there is one, else $(PYTHON).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
