@@ -1,10 +1,16 @@
 """Stable Diffusion 1.5 as an architecture: its U-Net and text encoder, with no weights.
 
 The two networks an SD1.5 adapter trains are built from their published configurations
-(runwayml/stable-diffusion-v1-5: unet/config.json and text_encoder/config.json, copied below) on
-PyTorch's meta device: every tensor has a shape and no storage, so the whole 982M-parameter
-model builds in a fraction of a second with no download. That is all chapter 03 needs to count
-what LoRA / LoHa / LoKr would store for SD1.5, and all chapter 07 needs to name the layers.
+(stable-diffusion-v1-5/stable-diffusion-v1-5, formerly runwayml/stable-diffusion-v1-5:
+unet/config.json and text_encoder/config.json, copied below) on PyTorch's meta device: every
+tensor has a shape and no storage, so the whole 982M-parameter model builds in a fraction of a
+second with no download. That is all chapter 03 needs to count what LoRA / LoHa / LoKr would
+store for SD1.5, and all chapter 07 needs to name the layers.
+
+`random_pipeline` builds the whole SD1.5 pipeline (also its VAE, scheduler and a stand-in
+tokenizer) with random weights on the CPU, and `save_random_pipeline` writes it as a folder that
+`lokr_edu.load_pipeline` and `python -m lokr_edu.train --model FOLDER` read: the GPU path at full
+size, rehearsed offline (`make rehearse`).
 
 Two target sets name the layers an adapter wraps:
 - "diffusers": the diffusers LoRA training scripts, U-Net `to_q`, `to_k`, `to_v`, `to_out.0`
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-# runwayml/stable-diffusion-v1-5, unet/config.json (diffusers UNet2DConditionModel)
+# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (diffusers UNet2DConditionModel)
 UNET_CONFIG: dict[str, object] = {
     "sample_size": 64,
     "in_channels": 4,
@@ -63,7 +69,7 @@ UNET_CONFIG: dict[str, object] = {
     "attention_head_dim": 8,
 }
 
-# runwayml/stable-diffusion-v1-5, text_encoder/config.json: the text half of CLIP ViT-L/14
+# stable-diffusion-v1-5/stable-diffusion-v1-5, text_encoder/config.json: CLIP ViT-L/14 (text)
 TEXT_ENCODER_CONFIG: dict[str, object] = {
     "vocab_size": 49408,
     "hidden_size": 768,
@@ -83,8 +89,35 @@ TEXT_ENCODER_CONFIG: dict[str, object] = {
     "eos_token_id": 2,
 }
 
+# stable-diffusion-v1-5/stable-diffusion-v1-5, vae/config.json (diffusers AutoencoderKL)
+VAE_CONFIG: dict[str, object] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5, scheduler/scheduler_config.json (PNDMScheduler)
+SCHEDULER_CONFIG: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
 UNET_PARAMS = 859_520_964  # parameters of the SD1.5 U-Net
 TEXT_ENCODER_PARAMS = 123_060_480  # parameters of the SD1.5 text encoder
+VAE_PARAMS = 83_653_863  # parameters of the SD1.5 VAE
 
 COMPONENTS = ("unet", "text_encoder")
 TARGET_SETS = ("diffusers", "kohya")
@@ -262,3 +295,85 @@ def unet_tokens(height: int = 512, width: int = 512, target_set: str = "kohya") 
         for handle in handles:
             handle.remove()
     return tokens
+
+
+# The stand-in tokenizer's words: every letter (so any lowercase word can be written, a letter or
+# a merge at a time) and the words of the course's prompts, one token each.
+STAND_IN_WORDS = (
+    *"abcdefghijklmnopqrstuvwxyz",
+    *"a an the of in on with and photo picture painting drawing style portrait dog cat".split(),
+    *"person face man woman house tree flower sky landscape city car red green blue".split(),
+    *"black white handwritten digit rotated sks my subject concept".split(),
+)
+
+
+def stand_in_tokenizer(model_max_length: int = 77):
+    """A CLIPTokenizer with SD1.5's special tokens and length, but a tiny vocabulary.
+
+    SD1.5's real tokenizer (49,408 BPE tokens learned by OpenAI) cannot be written without a
+    download; this one knows the 26 letters and STAND_IN_WORDS (`write_tiny_clip_vocabulary`), so
+    it turns any lowercase prompt into ids below the text encoder's vocab_size. The ids differ
+    from SD1.5's: it is a stand-in for rehearsing the code path, not for real prompts.
+    Defined in chapter 07.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    from lokr_edu.diffusion import write_tiny_clip_vocabulary
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_tiny_clip_vocabulary(STAND_IN_WORDS, folder)
+        return CLIPTokenizer(
+            str(Path(folder) / "vocab.json"),
+            str(Path(folder) / "merges.txt"),
+            model_max_length=model_max_length,
+        )
+
+
+def random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The full-size SD1.5 StableDiffusionPipeline with random weights, built on the CPU.
+
+    U-Net, text encoder and VAE from their published configs (UNET_CONFIG, TEXT_ENCODER_CONFIG,
+    VAE_CONFIG: 859.5 M + 123.1 M + 83.7 M parameters), each with its library's own random
+    initialization drawn from `seed`; the PNDM scheduler of SCHEDULER_CONFIG, as SD1.5 ships; and
+    `stand_in_tokenizer()` (not SD1.5's vocabulary). No safety checker. Nothing is downloaded.
+    It draws noise, not pictures, but every shape, dtype and code path is SD1.5's, so a training
+    run, a checkpoint, an export and a reload can be rehearsed at full size without the weights.
+    About 4 GB in fp32 and 20–40 s on two CPU cores. Defined in chapter 07.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    with torch.random.fork_rng(), _quiet(diffusers_logging):
+        torch.manual_seed(seed)
+        unet = build_unet("cpu")
+        text_encoder = build_text_encoder("cpu")
+        vae = AutoencoderKL(**VAE_CONFIG)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=stand_in_tokenizer(),
+            unet=unet,
+            scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        return pipe.to(dtype=dtype)
+
+
+def save_random_pipeline(folder, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Write `random_pipeline(seed)` to `folder` with save_pretrained (safetensors); returns it.
+
+    The folder has SD1.5's layout (model_index.json, unet/, text_encoder/, vae/, scheduler/,
+    tokenizer/), so `lokr_edu.load_pipeline(folder)` and `python -m lokr_edu.train --model
+    folder` take it as they take a downloaded SD1.5. dtype=torch.float16 halves the 4.3 GB
+    on disk (loading converts it back to the dtype asked for). Defined in chapter 07.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    random_pipeline(seed, dtype).save_pretrained(folder, safe_serialization=True)
+    return folder

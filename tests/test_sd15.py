@@ -303,3 +303,30 @@ def test_unet_tokens_leaves_no_hooks_and_checks_its_size() -> None:
     for height, width in [(500, 512), (512, 0), (32, 64)]:
         with pytest.raises(ValueError, match="multiples of 64"):
             sd15.unet_tokens(height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# the random-weight pipeline's parts (the full-size build itself is rehearsed: make rehearse)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vae_and_scheduler_configs_are_sd15s() -> None:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**sd15.VAE_CONFIG)
+    assert n_params(vae) == sd15.VAE_PARAMS == 83_653_863
+    scheduler = PNDMScheduler(**sd15.SCHEDULER_CONFIG)
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.steps_offset == 1
+
+
+def test_the_stand_in_tokenizer_reads_any_lowercase_prompt() -> None:
+    tokenizer = sd15.stand_in_tokenizer()
+    assert tokenizer.model_max_length == 77
+    for prompt in ["a photo of sks dog", "a zebra quietly jumps over the lazy fox"]:
+        ids = tokenizer(prompt).input_ids
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert max(ids) < sd15.TEXT_ENCODER_CONFIG["vocab_size"]
+        assert tokenizer.decode(ids[1:-1]) == prompt
+    assert len(tokenizer("a photo of sks dog").input_ids) == 7  # one token a word
