@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lokr_edu.kron_apply import MODES, lokr_apply
-from lokr_edu.lowrank import adapter_shapes, loha_delta, lokr_delta, lora_delta
+from lokr_edu.lowrank import _scale, adapter_shapes, loha_delta, lokr_delta, lokr_scale, lora_delta
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -58,7 +58,10 @@ class Adapter(nn.Module):
       up is non-zero because down is not);
     - LoHa: hada_w2_a is zero (one Hadamard factor is 0), the other three are random;
     - LoKr: W2 is zero (lokr_w2, or lokr_w2_b when W2 is low-rank), W1 is Kaiming-uniform.
-    `alpha` is a buffer (it is not trained; files store it); alpha None means α = r.
+    `alpha` is a buffer (it is not trained; files store it); alpha None means α = r. The scale
+    it implies (α/r, or LoKr's rule `lowrank.lokr_scale`) is a Python float, `self.scale`, fixed
+    here and refreshed when a state dict is loaded: forward never reads a tensor back to the
+    host (`.item()` would stall a GPU once per layer per step).
     `shapes` (LyCORIS key -> shape) overrides the layout that `lowrank.adapter_shapes` derives
     from the options: `lokr_edu.io` uses it to rebuild an adapter exactly as a file stores it.
     """
@@ -117,7 +120,22 @@ class Adapter(nn.Module):
         # LoKr factors are full: no rank is involved, the scale is 1 regardless.
         stored_alpha = float(rank) if not alpha or both_full else float(alpha)
         self.register_buffer("alpha", torch.tensor(stored_alpha, dtype=weight.dtype))
+        self._set_scale(stored_alpha)
+        self.register_load_state_dict_post_hook(Adapter._scale_from_buffer)
         self.reset_parameters()
+
+    def _set_scale(self, alpha: float) -> None:
+        """Cache α (a float) and the scale it gives: α/r for LoRA / LoHa, LoKr's rule for LoKr."""
+        self.alpha_value = alpha
+        if self.method == "lokr":
+            low_rank = getattr(self, "lokr_w1_a", getattr(self, "lokr_w2_a", None))  # (·, r)
+            self.scale = lokr_scale(alpha, None if low_rank is None else low_rank.shape[1])
+        else:
+            self.scale = _scale(alpha, self.rank)
+
+    @staticmethod
+    def _scale_from_buffer(module: Adapter, incompatible_keys: object) -> None:
+        module._set_scale(float(module.alpha))  # after load_state_dict: once, not per forward
 
     @property
     def keys(self) -> list[str]:
@@ -138,7 +156,7 @@ class Adapter(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """ΔW in the base weight's shape, (m, n) or (m, n, kh, kw), alpha/r applied, η not."""
-        alpha = self.alpha.item()
+        alpha = self.alpha_value
         if self.method == "lora":
             delta = lora_delta(self.lora_down.flatten(1), self.lora_up.flatten(1), alpha)
         elif self.method == "loha":
@@ -175,9 +193,6 @@ class Adapter(nn.Module):
 
     def _lokr_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
         """LoKr without building W1 ⊗ W2 when that is cheaper (kron_apply, chapter 04 §9)."""
-        # α/r with r read off the low-rank factor, as lowrank.lokr_delta; both full: α is ignored
-        low_rank = getattr(self, "lokr_w1_a", getattr(self, "lokr_w2_a", None))  # (·, r) or None
-        scale = self.alpha.item() / low_rank.shape[1] if low_rank is not None else 1.0
         W1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
         if hasattr(self, "lokr_w2"):
             W2 = self.lokr_w2  # (c, d) or (c, d, kh, kw)
@@ -187,7 +202,7 @@ class Adapter(nn.Module):
         if isinstance(base, nn.Conv2d):
             conv = {"stride": base.stride, "padding": base.padding, "dilation": base.dilation}
         kernel_size = tuple(self.weight_shape[2:]) or None
-        y = lokr_apply(x, W1, W2, scale, conv, mode=self.lokr_mode, kernel_size=kernel_size)
+        y = lokr_apply(x, W1, W2, self.scale, conv, mode=self.lokr_mode, kernel_size=kernel_size)
         if self.training and self.rank_dropout:  # LyCORIS: drop whole output rows of ΔW
             keep = (
                 torch.rand(y.shape[-1] if conv is None else y.shape[1], device=y.device)
@@ -202,7 +217,6 @@ class Adapter(nn.Module):
 
     def _lora_forward(self, x: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:
         """LoRA on the fly (chapter 02): up(down(x))·α/r, never forming up·down."""
-        scale = self.alpha.item() / self.rank
         hidden = _apply_weight(x, self.lora_down, base)  # (..., r) or (N, r, H', W')
         if self.training and self.rank_dropout:  # kohya: drop ranks, rescale the rest
             shape = (
@@ -211,8 +225,8 @@ class Adapter(nn.Module):
             keep = (torch.rand(shape, device=hidden.device) > self.rank_dropout).to(hidden.dtype)
             hidden = hidden * keep / (1.0 - self.rank_dropout)
         if isinstance(base, nn.Linear):
-            return F.linear(hidden, self.lora_up) * scale
-        return F.conv2d(hidden, self.lora_up) * scale
+            return F.linear(hidden, self.lora_up.to(hidden.dtype)) * self.scale
+        return F.conv2d(hidden, self.lora_up.to(hidden.dtype)) * self.scale
 
 
 def _apply_weight(x: Tensor, weight: Tensor, base: nn.Linear | nn.Conv2d) -> Tensor:

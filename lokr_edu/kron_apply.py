@@ -41,7 +41,15 @@ from torch import Tensor
 
 from lokr_edu.kron import kron_matvec_cost
 
-__all__ = ["MODES", "lokr_costs", "lokr_seconds", "choose_mode", "kron_linear", "lokr_apply"]
+__all__ = [
+    "MODES",
+    "lokr_costs",
+    "lokr_seconds",
+    "choose_mode",
+    "compute_dtype",
+    "kron_linear",
+    "lokr_apply",
+]
 
 MODES = ("auto", "reshape", "materialize")
 
@@ -191,6 +199,19 @@ def choose_mode(
     return min(("reshape", "materialize"), key=lambda mode: lokr_seconds(costs[mode]))
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a layer's products run in for input x: under autocast (torch.autocast on x's
+    device) the autocast dtype, fp16 or bf16, which is what F.linear would use; else x's dtype.
+
+    The reshape path writes into buffers it allocates (`torch.mm(..., out=...)`), so its inputs
+    must all share this dtype before it starts, rather than letting autocast pick per product.
+    """
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def _swap_rows(t: Tensor, p: int, q: int) -> Tensor:
     """t (p·q, w) with rows indexed (i, j) -> a copy with rows indexed (j, i), (q·p, w).
 
@@ -314,7 +335,10 @@ def kron_linear(x: Tensor, W1: Tensor, W2: Tensor | tuple[Tensor, Tensor]) -> Te
             f"x must end in b·d = {W1.shape[1]}·{d} = {W1.shape[1] * d} features, "
             f"got {getattr(x, 'shape', type(x))}"
         )
-    return _KronLinear.apply(x, W1, A, B)
+    dtype = compute_dtype(x)  # one dtype for every product (autocast's, if on)
+    return _KronLinear.apply(
+        x.to(dtype), W1.to(dtype), A.to(dtype), B if B is None else B.to(dtype)
+    )
 
 
 def _conv_reshape(
@@ -435,8 +459,11 @@ def lokr_apply(
             t.requires_grad for t in (x, W1, A, B) if t is not None
         )
         mode = choose_mode(a, b, c, d, vectors, kernel, backward=backward, rank=rank)
-    W1, A = W1.to(x.dtype), (A * scale).to(x.dtype)  # the scale goes on a small factor
-    B = None if B is None else B.to(x.dtype)
+    # Every product runs in one dtype: autocast's (fp16 / bf16) where it is on for x's device, as
+    # F.linear would; else x's. The casts are differentiable, so fp32 factors get fp32 gradients.
+    dtype = compute_dtype(x)
+    x, W1, A = x.to(dtype), W1.to(dtype), (A * scale).to(dtype)  # the scale on a small factor
+    B = None if B is None else B.to(dtype)
     if B is not None and (mode == "materialize" or not _low_rank_first(a, b, c, d * kernel, rank)):
         A, B = (A @ B).reshape(c, d, *(kernel_size if conv is not None else ())), None
     if mode == "materialize":

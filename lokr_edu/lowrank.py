@@ -59,6 +59,16 @@ def _scale(alpha: float | None, rank: int) -> float:
     return float(alpha) / rank
 
 
+def lokr_scale(alpha: float | None, rank: int | None) -> float:
+    """LoKr's scale: α/r when a factor is low-rank (rank r), exactly 1 when both factors are
+    full (rank None): no rank is involved, and LyCORIS then ignores alpha.
+
+    The one home of this rule: `lokr_delta`, the adapter layers (chapter 04) and the file
+    loader (`lokr_edu.io`) all call it. Defined in chapter 03 (03_loha_and_lokr.ipynb).
+    """
+    return 1.0 if rank is None else _scale(alpha, rank)
+
+
 def _product(name: str, a_name: str, a: Tensor, b_name: str, b: Tensor) -> Tensor:
     """a @ b, with a message naming both factors when the inner sizes disagree."""
     if a.shape[1] != b.shape[0]:
@@ -155,8 +165,7 @@ def lokr_delta(
     if r1 is not None and r2 is not None and r1 != r2:
         raise ValueError(f"w1a has rank {r1} but w2a has rank {r2}; LoKr uses one rank")
     rank = r1 if r1 is not None else r2
-    scale = 1.0 if rank is None else _scale(alpha, rank)
-    return scale * torch.kron(W1, W2)  # (a·c, b·d)
+    return lokr_scale(alpha, rank) * torch.kron(W1, W2)  # (a·c, b·d)
 
 
 def lokr_delta_writeup(A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
