@@ -20,6 +20,7 @@ metadata: nothing is pickled (which is why `accelerator.save_state`, which pickl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -37,10 +38,12 @@ from torch import Tensor, nn
 
 from lokr_edu.adapters import adapter_layers, inject, set_strength
 from lokr_edu.io import read_safetensors, save_adapter, write_safetensors_atomically
+from lokr_edu.sd15 import MODEL_ID
 
 __all__ = [
     "TrainConfig",
     "ImageCaptionFolder",
+    "resize_and_crop",
     "load_pipeline",
     "tokenize_captions",
     "noise_prediction_loss",
@@ -49,6 +52,8 @@ __all__ = [
     "train",
     "export_adapter",
     "generate",
+    "default_batch_size",
+    "sample_grid",
     "eta_sweep",
     "write_tiny_clip_vocabulary",
 ]
@@ -83,7 +88,8 @@ class TrainConfig:
     are then kept in that dtype and the trained factors in fp32, as diffusers does.
     gradient_checkpointing recomputes the U-Net's activations in the backward pass (less memory,
     about a third more time). With sample_every > 0, a grid of images for sample_prompts is
-    saved every sample_every steps. Bad values raise ValueError here, before anything runs.
+    saved every sample_every steps, sample_resolution pixels square (None: the pipeline's
+    default, 512 for SD1.5). Bad values raise ValueError here, before anything runs.
     Defined in chapter 07.
     """
 
@@ -108,6 +114,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_prompts: Sequence[str] = ()
     sample_inference_steps: int = 25
+    sample_resolution: int | None = None
 
     # What a resumed run may change: none of these changes what the adapter learns.
     RESUMABLE: ClassVar[tuple[str, ...]] = (
@@ -117,6 +124,7 @@ class TrainConfig:
         "sample_every",
         "sample_prompts",
         "sample_inference_steps",
+        "sample_resolution",
     )
 
     def __post_init__(self) -> None:
@@ -142,6 +150,16 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 problems.append(f"{name} must be an integer ≥ {least}, got {value!r}")
+        if self.sample_resolution is not None and (
+            isinstance(self.sample_resolution, bool)
+            or not isinstance(self.sample_resolution, int)
+            or self.sample_resolution < 8
+            or self.sample_resolution % 8
+        ):
+            problems.append(
+                "sample_resolution must be a positive multiple of 8 (or None), "
+                f"got {self.sample_resolution!r}"
+            )
         for name in ("learning_rate", "max_grad_norm", "snr_gamma", "alpha"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -188,14 +206,15 @@ def load_pipeline(
 ):
     """A StableDiffusionPipeline from a Hugging Face Hub id or a local folder.
 
-    `model` is an id ("runwayml/stable-diffusion-v1-5", downloaded once into the Hugging Face
-    cache) or a folder written by `pipe.save_pretrained(folder)` (or `hf download ... --local-dir
-    folder`). This is `StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
-    use_safetensors=True)`: safetensors weights only, never a pickle, and no safety checker
-    (fine-tuning does not need it). dtype (torch.float16 for inference on a GPU) and device are
-    applied after loading. Errors (ValueError, before any training step): a local folder that
-    does not exist, a folder without model_index.json (not a diffusers pipeline), a hub id that
-    cannot be fetched (offline, no network, or not a model id) and is not in the cache.
+    `model` is an id (MODEL_ID, "stable-diffusion-v1-5/stable-diffusion-v1-5", downloaded once
+    into the Hugging Face cache) or a folder written by `pipe.save_pretrained(folder)` (or
+    `hf download ... --local-dir folder`). This is `StableDiffusionPipeline.from_pretrained(model,
+    safety_checker=None, use_safetensors=True)`: safetensors weights only, never a pickle, and no
+    safety checker (fine-tuning does not need it). dtype (torch.float16 for inference on a GPU:
+    the weights are converted as they load) and device (applied after loading). Errors
+    (ValueError, before any training step): a local folder that does not exist, a folder without
+    model_index.json (not a diffusers pipeline), a hub id that cannot be fetched (offline, no
+    network, or not a model id) and is not in the cache.
     Defined in chapter 07.
     """
     from diffusers import StableDiffusionPipeline
@@ -212,17 +231,18 @@ def load_pipeline(
             raise ValueError(
                 f"model: {path} has no model_index.json, so it is not a diffusers pipeline folder "
                 "(write one with pipe.save_pretrained(folder), or download one with "
-                f"`hf download runwayml/stable-diffusion-v1-5 --local-dir {path}`)"
+                f"`hf download {MODEL_ID} --local-dir {path}`)"
             )
     options: dict[str, object] = {
         "safety_checker": None,
         "requires_safety_checker": False,
         "use_safetensors": True,
     }
-    if dtype is not None:  # diffusers renamed torch_dtype to dtype (and warns on the old name)
-        from diffusers.utils import deprecation_utils
+    if dtype is not None:  # diffusers 0.42 renamed torch_dtype to dtype (and warns on the old one)
+        import diffusers
+        from packaging.version import Version
 
-        renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+        renamed = Version(diffusers.__version__) >= Version("0.42")
         options["dtype" if renamed else "torch_dtype"] = dtype
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path) if local else text, **options)
@@ -266,14 +286,53 @@ def tokenize_captions(tokenizer, captions: Sequence[str]) -> Tensor:
     ).input_ids
 
 
+def resize_and_crop(image, resolution: int, left: float = 0.5, top: float = 0.5):
+    """An image resized so that its shorter side is `resolution`, then cropped to a square.
+
+    torchvision's Resize(resolution) then CenterCrop / RandomCrop(resolution), in PIL: the scale
+    is resolution / min(w, h) (bilinear, the aspect ratio kept: nothing is squashed), then a
+    resolution × resolution window is cut at `left`, `top` ∈ [0, 1] of the room there is
+    (0.5, 0.5: the centre; 0: the left / top edge). Defined in chapter 07.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    scale = resolution / min(width, height)
+    # torchvision: the shorter side becomes exactly `resolution`, the longer int(side · scale)
+    size = (
+        (resolution, int(height * scale)) if width <= height else (int(width * scale), resolution)
+    )
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    x = int(round((size[0] - resolution) * left))
+    y = int(round((size[1] - resolution) * top))
+    return image.crop((x, y, x + resolution, y + resolution))
+
+
 class ImageCaptionFolder(torch.utils.data.Dataset):
     """Images in a folder, each with a caption in a .txt file of the same name.
 
-    Images are resized to `resolution` (a multiple of `multiple`, the VAE's downsampling) and
-    scaled to [−1, 1]. Errors come at construction, before any training step.
+    Each image is prepared as diffusers' train_text_to_image_lora.py does (torchvision's Resize,
+    CenterCrop or RandomCrop, RandomHorizontalFlip, Normalize(0.5, 0.5)): its shorter side
+    resized to `resolution` (a multiple of `multiple`, the VAE's downsampling), a square crop
+    (`resize_and_crop`: nothing is squashed), optionally flipped left-right, scaled to [−1, 1].
+    `dataset[i]` crops the centre and never flips. `dataset.draw(i, generator)`, what `train`
+    uses, crops at a random place (unless center_crop, diffusers' --center_crop) and flips with
+    probability ½ (with random_flip, diffusers' --random_flip), drawing from `generator`, so a
+    resumed run draws the same crops as an uninterrupted one.
+    Every file is checked at construction, before any model is loaded: an image PIL cannot
+    decode, a caption file that is missing, empty or not UTF-8 text is a ValueError naming
+    each such file. Defined in chapter 07.
     """
 
-    def __init__(self, folder: Path | str, resolution: int, multiple: int = 8) -> None:
+    def __init__(
+        self,
+        folder: Path | str,
+        resolution: int,
+        multiple: int = 8,
+        *,
+        center_crop: bool = False,
+        random_flip: bool = False,
+    ) -> None:
         from PIL import Image
 
         folder = Path(folder)
@@ -287,13 +346,29 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise ValueError(f"folder: {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        missing = [p.name for p in images if not p.with_suffix(".txt").exists()]
-        if missing:
-            raise ValueError(f"folder: {missing[0]} has no caption ({Path(missing[0]).stem}.txt)")
-        self.items = [
-            (p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images
-        ]
-        self.resolution, self._open = resolution, Image.open
+        problems, self.items = [], []
+        for path in images:
+            text = path.with_suffix(".txt")
+            try:
+                with Image.open(path) as image:
+                    image.load()  # decodes it all: a truncated file fails here, not at step 900
+            except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad files
+                problems.append(f"{path}: not a readable image ({type(error).__name__}: {error})")
+            if not text.exists():
+                problems.append(f"{path.name} has no caption ({text.name})")
+                continue
+            try:
+                caption = text.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as error:
+                problems.append(f"{text}: caption not readable as UTF-8 text ({error})")
+                continue
+            if not caption:
+                problems.append(f"{text}: empty caption")
+            self.items.append((path, caption))
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"folder {folder}: " + "; ".join(problems[:5]) + more)
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     @property
     def captions(self) -> list[str]:
@@ -303,11 +378,27 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+    def _pixels(self, index: int, left: float, top: float, flip: bool) -> tuple[Tensor, str]:
+        from PIL import Image
+
         path, caption = self.items[index]
-        image = self._open(path).convert("RGB").resize((self.resolution, self.resolution))
+        with Image.open(path) as image:
+            image = resize_and_crop(image.convert("RGB"), self.resolution, left, top)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, 3), 0..255
         return pixels.permute(2, 0, 1) / 127.5 - 1.0, caption  # (3, H, W), −1..1
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        """The image centre-cropped, not flipped, and its caption."""
+        return self._pixels(index, 0.5, 0.5, flip=False)
+
+    def draw(self, index: int, generator: torch.Generator) -> tuple[Tensor, str]:
+        """The image as training sees it: a random crop (or the centre), maybe flipped."""
+        left, top, flip = torch.rand(3, generator=generator).tolist()  # always 3 draws
+        if self.center_crop:
+            left = top = 0.5
+        return self._pixels(index, left, top, flip=self.random_flip and flip < 0.5)
 
 
 def noise_prediction_loss(
@@ -447,14 +538,24 @@ def _check_captions(dataset: Sequence[tuple[Tensor, str]], tokenize) -> None:
 
 
 @torch.no_grad()
-def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int, accelerator):
-    """One row of images, a prompt each, seeded with config.seed: folder/step_NNNNNN.png."""
+def sample_grid(pipe, config: TrainConfig, tokenize=None, autocast=None):
+    """The sample grid `train` saves: one row, an image per config.sample_prompts (a PIL image).
+
+    The pipeline's sampling loop, config.sample_inference_steps steps, seeded with config.seed,
+    config.sample_resolution pixels square, the prompts' embeddings computed with `tokenize`
+    (default: the pipeline's tokenizer), under `autocast` (a context manager; `train` passes its
+    accelerator's). The same call on a pipeline that reloaded the exported adapter draws the
+    same grid. Defined in chapter 07.
+    """
     from diffusers.utils import make_image_grid
 
+    if tokenize is None:
+        tokenize = functools.partial(tokenize_captions, pipe.tokenizer)
     prompts = list(config.sample_prompts)
     device = pipe.unet.device
+    side = config.sample_resolution
     pipe.set_progress_bar_config(disable=True)
-    with accelerator.autocast():
+    with autocast if autocast is not None else contextlib.nullcontext():
         embeddings = pipe.text_encoder(tokenize(prompts).to(device))[0]
         empty = pipe.text_encoder(tokenize([""] * len(prompts)).to(device))[0]
         images = pipe(
@@ -462,12 +563,34 @@ def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int, 
             negative_prompt_embeds=empty,
             num_inference_steps=config.sample_inference_steps,
             generator=torch.Generator().manual_seed(config.seed),
+            height=side,
+            width=side,
         ).images
+    return make_image_grid(images, rows=1, cols=len(images))
+
+
+def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int, accelerator):
+    """`sample_grid` saved as folder/step_NNNNNN.png (atomically)."""
+    grid = sample_grid(pipe, config, tokenize, accelerator.autocast())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.png"
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    make_image_grid(images, rows=1, cols=len(images)).save(temporary, format="PNG")
+    grid.save(temporary, format="PNG")
     os.replace(temporary, path)
+
+
+def _diverged(step: int, loss: float, checkpoint: Path | None, saved: int | None) -> str:
+    """What to say when the loss of `step` is not finite (NaN or ±inf)."""
+    if checkpoint is None:
+        kept = "no checkpoint was being written (give checkpoint_dir to keep one)"
+    elif saved is None:
+        kept = f"no checkpoint was written before it, so {checkpoint} is not from this run"
+    else:
+        kept = f"the last good checkpoint, {checkpoint} (step {saved}), is kept as it was"
+    return (
+        f"training diverged: the loss of step {step} is {loss}, so it stopped there; {kept}. "
+        "Lower the learning rate (or use mixed_precision 'bf16' instead of 'fp16')."
+    )
 
 
 def train(
@@ -495,8 +618,12 @@ def train(
     is too long stops the run there. With checkpoint_dir, a checkpoint is written every
     `config.checkpoint_every` steps and at the end; resume=True continues from it exactly.
     stop_after ends early after that many steps of this call (to simulate an interruption in
-    tests). Sample grids go to sample_dir (default checkpoint_dir/samples). progress=False
+    tests). A loss that is not finite (NaN, ±inf: diverged) stops training at once with a
+    FloatingPointError naming the step; the checkpoint on disk is then the last good one.
+    Sample grids go to sample_dir (default checkpoint_dir/samples). progress=False
     hides the tqdm bar.
+    Micro-batches come from `dataset.draw(i, generator)` when the dataset has it
+    (ImageCaptionFolder: random crops and flips), else `dataset[i]`.
     After training the whole pipeline is on the accelerator's device, in the mixed-precision
     dtype ("no": fp32), ready to sample. Defined in chapter 07.
     """
@@ -564,7 +691,8 @@ def train(
         draw = (step * accumulation + micro) * accelerator.num_processes + accelerator.process_index
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + draw)
         indices = torch.randint(len(dataset), (config.batch_size,), generator=generator).tolist()
-        examples = [dataset[i] for i in indices]
+        draw_example = getattr(dataset, "draw", None)  # ImageCaptionFolder: random crop / flip
+        examples = [draw_example(i, generator) if draw_example else dataset[i] for i in indices]
         pixels = torch.stack([image for image, _ in examples]).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
@@ -574,7 +702,7 @@ def train(
         )
 
     accumulation = config.gradient_accumulation_steps
-    losses = []
+    losses, saved = [], start if resume else None
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     bar = tqdm(
         range(start, end),
@@ -596,7 +724,8 @@ def train(
             micro_losses.append(loss.detach())
         loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training diverged: the loss of step {step + 1} is {loss}")
+            accelerator.wait_for_everyone()
+            raise FloatingPointError(_diverged(step + 1, loss, checkpoint, saved))
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
@@ -606,6 +735,7 @@ def train(
                 save_checkpoint(
                     checkpoint, unet, optimizer, config, done, lr_scheduler, accelerator.scaler
                 )
+            saved = done
         sample_now = config.sample_every and (
             done % config.sample_every == 0 or done == config.steps
         )
@@ -641,6 +771,18 @@ def export_adapter(pipe, folder: Path | str, *, dtype: torch.dtype | None = None
     return paths
 
 
+def default_batch_size(pipe, resolution: int | None = None) -> int:
+    """How many prompts `generate` samples at once: 8 at 512 × 512, more for smaller images.
+
+    With classifier-free guidance a batch of 8 prompts is 16 U-Net rows; SD1.5 in fp16 at 512²
+    then stays well inside a 16 GB GPU (a T4), and VAE slicing decodes one image at a time.
+    The count grows as the pixels shrink, 8 · (512 / side)², up to 250 (the tiny model of
+    chapter 07 draws its 200 prompts in one batch). Defined in chapter 07.
+    """
+    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return max(1, min(250, 8 * 512**2 // side**2))
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -649,19 +791,25 @@ def generate(
     steps: int = 20,
     guidance_scale: float = 3.0,
     seed: int = 0,
-    batch_size: int = 250,
+    batch_size: int | None = None,
+    resolution: int | None = None,
 ) -> Tensor:
     """Images for `prompts` from any StableDiffusionPipeline: (N, 3, H, W) in [0, 1].
 
     The pipeline's own sampling loop (its scheduler, classifier-free guidance
-    ε̂ = ε(∅) + g·(ε(text) − ε(∅)) with g = guidance_scale), in batches, from one generator
-    seeded with `seed`: the same call gives the same images. Defined in chapter 07.
+    ε̂ = ε(∅) + g·(ε(text) − ε(∅)) with g = guidance_scale), in batches of batch_size prompts
+    (default: `default_batch_size`, sized for a 16 GB GPU), decoding with VAE slicing (one image
+    at a time), from one generator seeded with `seed`: the same call gives the same images.
+    resolution: the images' side in pixels (default: the pipeline's, 512 for SD1.5).
+    Defined in chapter 07.
     """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts: give at least one prompt")
     tokenize_captions(pipe.tokenizer, prompts)  # a too-long prompt is an error, not truncated
+    batch_size = batch_size or default_batch_size(pipe, resolution)
     pipe.set_progress_bar_config(disable=True)
+    pipe.vae.enable_slicing()  # decode one image at a time: the VAE's peak memory of one
     generator = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -670,6 +818,8 @@ def generate(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generator,
+            height=resolution,
+            width=resolution,
             output_type="pt",
         ).images  # (n, 3, H, W) in [0, 1]
         images.append(out.float().cpu())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -37,6 +38,26 @@ from torch import nn
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
+
+# The Hub id of SD1.5 (RunwayML's runwayml/stable-diffusion-v1-5 is gone from the Hub; this is
+# the same model, and the configs below are its published ones).
+MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class _KnownHarmless(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to PIL without torchvision.
+
+    Importing diffusers' StableDiffusionPipeline touches transformers' CLIP and SigLIP image
+    processors (for the safety checker, which the course never loads); without torchvision they
+    fall back to their PIL versions and say so on every first screen. Nothing here uses them.
+    Every other record of that logger passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_KnownHarmless())
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (diffusers UNet2DConditionModel)
 UNET_CONFIG: dict[str, object] = {

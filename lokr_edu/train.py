@@ -2,22 +2,31 @@
 
 Defined in chapter 07: the notebook's `lokr_edu.diffusion.train`, outside the notebook.
 
-    python -m lokr_edu.train --model runwayml/stable-diffusion-v1-5 --data my_images \\
-        --output runs/my_style --method lokr --rank 8 --steps 1000 --mixed-precision fp16
-    accelerate launch --multi_gpu -m lokr_edu.train --model ... --data ... --output ...
+    python -m lokr_edu.train --data my_images --output runs/my_style \\
+        --method lokr --rank 8 --steps 1000 --mixed-precision fp16 --gradient-checkpointing
+    accelerate launch --multi_gpu -m lokr_edu.train --data ... --output ...
+
+--model is a Hugging Face Hub id (default stable-diffusion-v1-5/stable-diffusion-v1-5) or a local
+folder written by save_pretrained.
 
 Settings come from, in this order (later wins): TrainConfig's defaults, --config FILE (a JSON
-object of TrainConfig fields, plus any of "model", "data", "output", "resolution", "export"),
+object of TrainConfig fields, plus any of "model", "data", "output", "resolution", "export",
+"center_crop", "random_flip"),
 the flags below. Without --mixed-precision in either, the precision that `accelerate launch
 --mixed_precision` set (ACCELERATE_MIXED_PRECISION) is used, else "no".
 
---data is a folder of images, each with a caption in a .txt file of the same name.
+--data is a folder of images, each with a caption in a .txt file of the same name. Images are
+resized by their shorter side to --resolution, then cropped square (at random, or the centre
+with --center-crop), and flipped at random with --random-flip, as diffusers'
+train_text_to_image_lora.py does.
 --output receives checkpoint.safetensors (every --checkpoint-every steps; --resume continues
 from it exactly), samples/step_NNNNNN.png (with --sample-every and --sample-prompt), and at the
 end the trained adapter: adapter.safetensors (kohya/LyCORIS: A1111, ComfyUI) and, for LoRA,
 pytorch_lora_weights.safetensors (diffusers: pipe.load_lora_weights(output)).
-Every bad input (a setting, the model, the data, a caption too long) is an error before the
-first step.
+Every bad input (a setting, the data: an unreadable image, a missing or empty caption, a caption
+too long; the model) is an error before the first step, and the data is checked before the model
+is loaded. A loss that is not finite stops the run (status 1) at that step, leaving the last good
+checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lokr_edu.diffusion import (
+    CHECKPOINT_FILE,
     LR_SCHEDULERS,
     METHODS,
     MIXED_PRECISION,
@@ -41,10 +51,19 @@ from lokr_edu.diffusion import (
     tokenize_captions,
     train,
 )
+from lokr_edu.sd15 import MODEL_ID
 
 __all__ = ["build_parser", "main", "settings_from"]
 
-RUN_SETTINGS = {"model": None, "data": None, "output": None, "resolution": 512, "export": True}
+RUN_SETTINGS = {
+    "model": MODEL_ID,
+    "data": None,
+    "output": None,
+    "resolution": 512,
+    "export": True,
+    "center_crop": False,
+    "random_flip": False,
+}
 # flag dest -> TrainConfig field, for the flags that set one
 CONFIG_FLAGS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "adapter_options"]
 
@@ -57,11 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
         "(lokr_edu chapter 07). Multi-GPU: accelerate launch --multi_gpu -m lokr_edu.train ...",
     )
     p.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override)")
-    p.add_argument("--model", help="hub id (runwayml/stable-diffusion-v1-5) or local folder")
+    p.add_argument("--model", help=f"hub id or local folder (default {MODEL_ID})")
     p.add_argument("--data", type=Path, help="folder of images with .txt captions")
     p.add_argument("--output", type=Path, help="folder for checkpoints, samples and exports")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT's checkpoint")
     p.add_argument("--resolution", type=int, help="image side in pixels (default 512)")
+    p.add_argument(
+        "--center-crop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="crop the centre of each resized image (default: a random crop each time)",
+    )
+    p.add_argument(
+        "--random-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flip images left-right at random (default: no)",
+    )
     p.add_argument(
         "--export",
         action=argparse.BooleanOptionalAction,
@@ -90,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-prompt", dest="sample_prompts", action="append", help="repeat for several"
     )
     p.add_argument("--sample-inference-steps", type=int)
+    p.add_argument("--sample-resolution", type=int, help="sample side (default: --resolution)")
     return p
 
 
@@ -118,6 +150,8 @@ def settings_from(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, obje
     if "mixed_precision" not in settings and os.environ.get("ACCELERATE_MIXED_PRECISION"):
         settings["mixed_precision"] = os.environ["ACCELERATE_MIXED_PRECISION"]
     run = {name: settings.pop(name, default) for name, default in RUN_SETTINGS.items()}
+    if "sample_resolution" not in settings:
+        settings["sample_resolution"] = run["resolution"]
     missing = [f"--{name}" for name in ("model", "data", "output") if run[name] is None]
     if missing:
         raise ValueError(f"give {', '.join(missing)} (as flags or in --config)")
@@ -133,10 +167,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = Path(run["output"])
         if output.exists() and not output.is_dir():
             raise ValueError(f"--output: {output} is a file, not a folder")
+        if args.resume and not (output / CHECKPOINT_FILE).is_file():
+            raise ValueError(f"resume: no checkpoint in {output}")
+        # every image decoded and every caption read before the model loads (minutes on a GPU)
+        dataset = ImageCaptionFolder(
+            run["data"],
+            int(run["resolution"]),
+            center_crop=bool(run["center_crop"]),
+            random_flip=bool(run["random_flip"]),
+        )
         pipe = load_pipeline(run["model"], dtype=MIXED_PRECISION[config.mixed_precision])
         if pipe.tokenizer is None:
             raise ValueError(f"--model: the pipeline in {run['model']} has no tokenizer")
-        dataset = ImageCaptionFolder(run["data"], int(run["resolution"]), pipe.vae_scale_factor)
+        if dataset.resolution % pipe.vae_scale_factor:
+            raise ValueError(
+                f"resolution must be a positive multiple of {pipe.vae_scale_factor} (the VAE "
+                f"downsamples by {pipe.vae_scale_factor}), got {dataset.resolution}"
+            )
         output.mkdir(parents=True, exist_ok=True)
         train(
             pipe,
@@ -148,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except FloatingPointError as error:  # the loss diverged: say where, keep the checkpoint
+        parser.exit(1, f"{parser.prog}: {error}\n")
     from accelerate.state import PartialState
 
     if run["export"] and PartialState().is_main_process:

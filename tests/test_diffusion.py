@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -237,3 +238,74 @@ def test_sample_grids_are_written_every_n_steps(tmp_path) -> None:
 def test_image_folder_refuses_a_missing_folder(tmp_path) -> None:
     with pytest.raises(ValueError, match="is not a directory"):
         ImageCaptionFolder(tmp_path / "nowhere", resolution=16)
+
+
+def test_images_are_resized_by_the_shorter_side_and_cropped_never_squashed(tmp_path) -> None:
+    from lokr_edu.diffusion import resize_and_crop
+
+    wide = Image.new("RGB", (60, 20), (255, 0, 0))  # red | green | blue, 20 px each
+    wide.paste((0, 255, 0), (20, 0, 40, 20))
+    wide.paste((0, 0, 255), (40, 0, 60, 20))
+    centre = np.asarray(resize_and_crop(wide, 8))
+    assert centre.shape == (8, 8, 3) and (centre[:, :, 1] > 200).all()  # all green: no squash
+    assert (np.asarray(resize_and_crop(wide, 8, left=0.0))[:, :2, 0] > 200).all()  # red edge
+    assert (np.asarray(resize_and_crop(wide, 8, left=1.0))[:, -2:, 2] > 200).all()  # blue edge
+    tall = np.asarray(resize_and_crop(wide.rotate(90, expand=True), 8))
+    assert tall.shape == (8, 8, 3) and (tall[:, :, 1] > 200).all()
+    wide.save(tmp_path / "wide.png")
+    (tmp_path / "wide.txt").write_text("a wide flag")
+    fixed = ImageCaptionFolder(tmp_path, 8, center_crop=True, random_flip=True)
+    random = ImageCaptionFolder(tmp_path, 8)
+    draws = [random.draw(0, torch.Generator().manual_seed(s))[0] for s in range(20)]
+    flips = [fixed.draw(0, torch.Generator().manual_seed(s))[0] for s in range(20)]
+    assert any(d[0, 0, 0] > 0.9 for d in draws) and any(d[2, 0, -1] > 0.9 for d in draws)
+    assert torch.equal(draws[3], random.draw(0, torch.Generator().manual_seed(3))[0])
+    assert all(torch.equal(f, fixed[0][0]) or torch.equal(f, fixed[0][0].flip(-1)) for f in flips)
+    assert any(not torch.equal(f, fixed[0][0]) for f in flips)  # some flipped
+
+
+def test_unreadable_images_and_missing_or_empty_captions_are_named_at_construction(
+    tmp_path,
+) -> None:
+    Image.new("RGB", (20, 20)).save(tmp_path / "good.png")
+    (tmp_path / "good.txt").write_text("a good image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "broken.txt").write_text("a broken image")
+    good = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "truncated.txt").write_text("half an image")
+    Image.new("RGB", (20, 20)).save(tmp_path / "silent.png")
+    (tmp_path / "silent.txt").write_text("  \n")
+    Image.new("RGB", (20, 20)).save(tmp_path / "latin.png")
+    (tmp_path / "latin.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError) as error:
+        ImageCaptionFolder(tmp_path, resolution=16)
+    message = str(error.value)
+    assert f"{tmp_path / 'broken.png'}: not a readable image" in message
+    assert f"{tmp_path / 'truncated.png'}: not a readable image" in message
+    assert f"{tmp_path / 'silent.txt'}: empty caption" in message
+    assert f"{tmp_path / 'latin.txt'}: caption not readable as UTF-8" in message
+    assert "good" not in message
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path) -> None:
+    from lokr_edu.io import read_safetensors
+
+    config = TrainConfig(
+        method="lora",
+        rank=2,
+        steps=6,
+        batch_size=2,
+        learning_rate=1e30,  # absurd: the first update overflows the adapter, step 2 is NaN
+        max_grad_norm=None,
+        checkpoint_every=1,
+    )
+    with pytest.raises(FloatingPointError) as error:
+        train(tiny_pipeline(), DATASET, config, tokenize, checkpoint_dir=tmp_path)
+    message = str(error.value)
+    _, metadata = read_safetensors(tmp_path / "checkpoint.safetensors")
+    step = int(metadata["step"])
+    assert f"the loss of step {step + 1} is nan" in message
+    assert f"last good checkpoint, {tmp_path / 'checkpoint.safetensors'} (step {step})" in message
+    tensors, _ = read_safetensors(tmp_path / "checkpoint.safetensors")
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("param."))

@@ -162,3 +162,56 @@ def test_tokenize_captions_pads_and_refuses_what_it_would_truncate(tmp_path):
 def test_the_console_script_is_declared():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["lokr-edu-train"] == "lokr_edu.train:main"
+
+
+def test_a_broken_image_is_named_before_the_model_is_loaded(data, tmp_path, monkeypatch, capsys):
+    import lokr_edu.train
+
+    broken = caption_folder(tmp_path / "broken", ["a red square", "a digit"])
+    (broken / "image1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a header, no image
+    (broken / "image0.txt").write_text("\n")
+
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(lokr_edu.train, "load_pipeline", load_pipeline)
+    with pytest.raises(SystemExit) as stop:
+        run(Path("no/such/model/needed"), broken, tmp_path / "output", "--steps", "1")
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{broken / 'image1.png'}: not a readable image (UnidentifiedImageError" in error
+    assert f"{broken / 'image0.txt'}: empty caption" in error
+    assert "Traceback" not in error
+
+
+def test_help_shows_only_the_course_s_own_lines_and_the_default_model():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "lokr_edu.train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},  # argparse wraps at the terminal's width
+    )
+    assert done.stderr == ""
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in done.stdout
+    assert "--center-crop" in done.stdout and "--random-flip" in done.stdout
+    assert "runwayml" not in done.stdout
+
+
+def test_crop_and_flip_flags_reach_the_dataset(model, data, tmp_path):
+    flags = ("--method", "lora", "--rank", "2", "--steps", "1", "--no-export")
+    assert run(model, data, tmp_path / "a", *flags, "--center-crop", "--random-flip") == 0
+    from lokr_edu.train import build_parser, settings_from
+
+    args = build_parser().parse_args(
+        ["--data", "d", "--output", "o", "--random-flip", "--resolution", "64"]
+    )
+    config, settings = settings_from(args)
+    assert settings["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert settings["random_flip"] is True and settings["center_crop"] is False
+    assert config.sample_resolution == 64  # samples are drawn at the training resolution
