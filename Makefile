@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-full-arch lint exercises notebooks clean
+.PHONY: install course test test-full-arch rehearse lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(INSTALLED)
 # Opt-in: one LoKr training step of the full-size SD1.5 U-Net (random weights) on the CPU.
 test-full-arch: $(INSTALLED)
 	$(BIN)/python -m pytest -m full_arch -s tests/test_full_arch.py
+
+# Opt-in: chapter 07's GPU path rehearsed on the CPU at full SD1.5 size (random weights, offline):
+# train / kill / resume, reload of the exported adapters, chapter 07 in full mode, 2-process
+# accelerate launch. About a quarter of an hour on 2 cores, 5 GB of memory, 3 GB of disk.
+rehearse: $(INSTALLED)
+	$(BIN)/python tools/rehearse.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .
