@@ -41,7 +41,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STEPS, RESOLUTION, PROMPT, TRIGGER = 4, 64, "a photo of sks dog", "sks"
-RELOAD_TOLERANCE = 2 / 255  # largest pixel difference of the 8-bit grids (bf16 weights)
+# Largest pixel difference allowed between the run's last grid and the reloaded adapter's: the
+# run drew it with the factors in fp32 (training), the exported file holds them in bf16 (the
+# pipeline's dtype after training), so a few 8-bit levels differ; the base model differs by far
+# more (printed next to it).
+RELOAD_TOLERANCE = 4 / 255
 DDP_TOLERANCE = 1e-5  # largest |Δ| between the 2-process and the 1-process adapter (fp32)
 
 
