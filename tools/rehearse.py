@@ -292,7 +292,10 @@ def stage_reload(work: Path, model: Path) -> Stage:
     return stage
 
 
-def stage_notebook(work: Path, model: Path) -> Stage:
+NOTEBOOK = REPO / "notebooks" / "07_stable_diffusion_lokr.ipynb"
+
+
+def stage_notebook(work: Path, model: Path, notebook: Path = NOTEBOOK) -> Stage:
     import nbformat
 
     stage = Stage("c: chapter 07 in full mode on the CPU")
@@ -309,11 +312,10 @@ def stage_notebook(work: Path, model: Path) -> Stage:
         "LOKR_EDU_STEPS": "2",
         "LOKR_EDU_SAMPLE_STEPS": "2",
     }
-    notebook = "notebooks/07_stable_diffusion_lokr.ipynb"
     out, log = work / "course", work / "ch07.log"
-    command = [PYTHON, "-m", "lokr_edu.course", "run", "--out", str(out), notebook]
+    command = [PYTHON, "-m", "lokr_edu.course", "run", "--out", str(out), str(notebook)]
     status = run(stage, command, log, env=env, timeout=1200)
-    executed = out / "notebooks" / Path(notebook).name
+    executed = out / "notebooks" / notebook.name
     if status != 0 or not executed.is_file():
         stage.check(False, f"{notebook} did not run to the end (status {status}): {tail(log, 2)}")
         return stage
@@ -427,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--stages", default="abcd", help="which stages to run (default abcd)")
+    parser.add_argument("--notebook", type=Path, default=NOTEBOOK, help="chapter 07 (stage c)")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="lokr-edu-rehearse-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -453,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             if "b" in args.stages:
                 report(stage_reload(work, model))
             if "c" in args.stages:
-                report(stage_notebook(work, model))
+                report(stage_notebook(work, model, args.notebook.resolve()))
     if "d" in args.stages:
         report(stage_multiprocess(work))
     total = time.perf_counter() - start
