@@ -41,11 +41,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STEPS, RESOLUTION, PROMPT, TRIGGER = 4, 64, "a photo of sks dog", "sks"
-# Largest pixel difference allowed between the run's last grid and the reloaded adapter's: the
-# run drew it with the factors in fp32 (training), the exported file holds them in bf16 (the
-# pipeline's dtype after training), so a few 8-bit levels differ; the base model differs by far
-# more (printed next to it).
-RELOAD_TOLERANCE = 4 / 255
+# Pixel differences allowed between the run's last grid and the reloaded adapter's (8-bit
+# images in [0, 1]): the run drew its grid with the factors in fp32 (training), the exported file
+# holds them in bf16 (the pipeline's dtype after training), and at full size that moves a few
+# pixels by a few levels (the first full-size rehearsal measured a largest 7/255, a mean 0.9/255).
+# The base model's grid must differ at least RELOAD_MARGIN times more on average: the reloaded
+# adapter is really the trained one.
+RELOAD_TOLERANCE = 8 / 255  # largest |Δ|
+RELOAD_MEAN_TOLERANCE = 2 / 255  # mean |Δ|
+RELOAD_MARGIN = 5
 DDP_TOLERANCE = 1e-5  # largest |Δ| between the 2-process and the 1-process adapter (fp32)
 
 
@@ -284,10 +288,13 @@ def stage_reload(work: Path, model: Path) -> Stage:
             stage.check(False, f"{method}: {loader} failed (status {status}: {tail(log)})")
             continue
         stage.check(
-            result["reloaded"] <= RELOAD_TOLERANCE < result["base"],
-            f"{method} via {loader}: max |Δ| to the trained grid {result['reloaded']:.4f} "
-            f"(mean {result['reloaded_mean']:.5f}; tolerance {RELOAD_TOLERANCE:.4f}); "
-            f"base model {result['base']:.4f} (mean {result['base_mean']:.5f})",
+            result["reloaded"] <= RELOAD_TOLERANCE
+            and result["reloaded_mean"] <= RELOAD_MEAN_TOLERANCE
+            and result["base_mean"] > RELOAD_MARGIN * result["reloaded_mean"],
+            f"{method} via {loader}: |Δ| to the trained grid: largest {result['reloaded']:.4f} "
+            f"(≤ {RELOAD_TOLERANCE:.4f}), mean {result['reloaded_mean']:.5f} "
+            f"(≤ {RELOAD_MEAN_TOLERANCE:.4f}); base model: largest {result['base']:.4f}, mean "
+            f"{result['base_mean']:.5f} (> {RELOAD_MARGIN}× the reloaded mean)",
         )
     return stage
 
@@ -440,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     def report(stage: Stage) -> None:
         stages.append(stage)
         print(
-            f"\n[{'ok' if stage.ok else 'FAILED'}] {stage.name}: {stage.seconds:.0f} s, "
-            f"peak {stage.peak / 2**30:.1f} GiB",
+            f"\n[{'ok' if stage.ok else 'FAILED'}] {stage.name}: {stage.seconds:.0f} s "
+            f"(CPU {stage.cpu:.0f} s), peak {stage.peak / 2**30:.1f} GiB",
             flush=True,
         )
         for line in stage.lines:
