@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-fast test-full-arch test-browser slides gpu-check lint exercises notebooks clean
+.PHONY: install course test test-fast test-full-arch test-browser slides gpu-check rehearse lint exercises notebooks clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ test-browser: $(INSTALLED)
 # pip install -e ".[dev]" (README, GPUs). Runs .venv's python if there is one, else $(PYTHON).
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py
+
+# Opt-in: chapter 07's GPU path rehearsed on the CPU at full SD1.5 size (random weights, offline):
+# train / kill / resume, reload of the exported adapters, chapter 07 in full mode, 2-process
+# accelerate launch. About a quarter of an hour on 2 cores, 5 GB of memory, 3 GB of disk.
+rehearse: $(INSTALLED)
+	$(BIN)/python tools/rehearse.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -53,7 +53,7 @@ from lokr_edu.diffusion import (
 )
 from lokr_edu.sd15 import MODEL_ID
 
-__all__ = ["build_parser", "main", "settings_from"]
+__all__ = ["build_parser", "loss_summary", "main", "settings_from"]
 
 RUN_SETTINGS = {
     "model": MODEL_ID,
@@ -158,6 +158,18 @@ def settings_from(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, obje
     return TrainConfig(**settings), run
 
 
+def loss_summary(losses: Sequence[float]) -> str:
+    """One line on how the loss went: its mean over the first and the last quarter of the steps.
+
+    One step's loss is noisy (its t and ε are random), so the means say whether it fell."""
+    quarter = max(1, len(losses) // 4)
+    first, last = losses[:quarter], losses[-quarter:]
+    return (
+        f"loss over {len(losses)} steps: mean of the first {quarter} {sum(first) / quarter:.4f}, "
+        f"of the last {quarter} {sum(last) / quarter:.4f}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check everything, train, export. Errors exit with status 2 and one message."""
     parser = build_parser()
@@ -185,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"downsamples by {pipe.vae_scale_factor}), got {dataset.resolution}"
             )
         output.mkdir(parents=True, exist_ok=True)
-        train(
+        losses = train(
             pipe,
             dataset,
             config,
@@ -199,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(1, f"{parser.prog}: {error}\n")
     from accelerate.state import PartialState
 
+    if losses and PartialState().is_main_process:
+        print(loss_summary(losses))
     if run["export"] and PartialState().is_main_process:
         for path in export_adapter(pipe, output):
             print(f"wrote {path}")

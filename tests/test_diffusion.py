@@ -309,3 +309,18 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(tm
     assert f"last good checkpoint, {tmp_path / 'checkpoint.safetensors'} (step {step})" in message
     tensors, _ = read_safetensors(tmp_path / "checkpoint.safetensors")
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("param."))
+
+
+def test_generate_batches_are_sized_for_a_16_gb_gpu() -> None:
+    from types import SimpleNamespace
+
+    from lokr_edu.diffusion import default_batch_size
+
+    def pipe(sample_size: int) -> SimpleNamespace:
+        unet = SimpleNamespace(config=SimpleNamespace(sample_size=sample_size))
+        return SimpleNamespace(unet=unet, vae_scale_factor=8)
+
+    assert default_batch_size(pipe(64)) == 8  # SD1.5 at 512²: 16 U-Net rows with guidance
+    assert default_batch_size(pipe(64), resolution=256) == 32
+    assert default_batch_size(pipe(96)) == 3  # 768²
+    assert default_batch_size(pipe(1)) == 250  # chapter 07's tiny model: one batch

@@ -215,3 +215,15 @@ def test_crop_and_flip_flags_reach_the_dataset(model, data, tmp_path):
     assert settings["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert settings["random_flip"] is True and settings["center_crop"] is False
     assert config.sample_resolution == 64  # samples are drawn at the training resolution
+
+
+def test_a_diverging_run_exits_with_status_1_naming_the_step(model, data, tmp_path, capsys):
+    flags = ("--method", "lora", "--rank", "2", "--steps", "4", "--checkpoint-every", "1")
+    with pytest.raises(SystemExit) as stop:
+        run(model, data, tmp_path, *flags, "--learning-rate", "1e30", "--max-grad-norm", "1e30")
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    _, metadata = read_safetensors(tmp_path / "checkpoint.safetensors")
+    assert re.search(rf"the loss of step {int(metadata['step']) + 1} is (nan|inf)", error), error
+    assert "last good checkpoint" in error and "Traceback" not in error
+    assert not (tmp_path / "adapter.safetensors").exists()  # nothing diverged is exported
