@@ -11,19 +11,24 @@ of the current environment, then metadata trimmed to kernel + language, so diffs
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
 import nbformat
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_METADATA = {
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
 }
+MAX_SOCKET_PREFIX = 96  # + "-<n>": under the 104 bytes of a macOS Unix socket path (108 Linux)
 
-__all__ = ["clean_metadata", "execute_notebook", "main"]
+__all__ = ["clean_metadata", "execute_notebook", "kernel_config", "main"]
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -33,6 +38,24 @@ def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         tags = cell.metadata.get("tags")
         cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
     return nb
+
+
+def kernel_config() -> Config:
+    """How the kernel talks to us: over Unix sockets (ZeroMQ "ipc") where there are any.
+
+    Over the default TCP, ipykernel warns on every start that its traffic is unencrypted
+    ("Kernel is running over TCP without encryption"), once per chapter of `make course`. Its
+    advice is IPC: sockets in Jupyter's runtime folder, which only this user can open; nothing
+    else is silenced. The socket path must be absolute: the kernel runs in the notebook's
+    folder. Windows has no Unix sockets for ZeroMQ, and a socket path has at most about 100
+    characters (104 on macOS): TCP in both cases.
+    """
+    runtime = Path(jupyter_runtime_dir())
+    sockets = runtime / f"lokr-edu-{os.getpid()}-{secrets.token_hex(4)}-ipc"  # + "-<n>" each
+    if sys.platform == "win32" or len(str(sockets)) > MAX_SOCKET_PREFIX:
+        return Config()
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(sockets)}})
 
 
 def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, float]:
@@ -47,6 +70,7 @@ def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookN
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
         record_timing=False,
+        config=kernel_config(),
     )
     client.execute()
     return clean_metadata(nb), time.perf_counter() - start

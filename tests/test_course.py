@@ -1,0 +1,48 @@
+"""lokr_edu.course: `make course` prints the course's own lines, not the kernel's chatter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lokr_edu import course
+
+SETUP = Path(__file__).resolve().parent.parent / "notebooks" / "00_setup.ipynb"
+
+
+def test_running_a_chapter_prints_no_kernel_transport_warning(tmp_path) -> None:
+    # chapter 00 is the cheapest (~10 s); a copy, so that a stray socket file would show
+    notebook = shutil.copy(SETUP, tmp_path / SETUP.name)
+    # a runtime folder of its own, with a path short enough for a Unix socket (tmp_path is not)
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))
+    result = subprocess.run(
+        [sys.executable, "-m", "lokr_edu.course", "run", "--out", str(tmp_path / "build")]
+        + [str(notebook)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"JUPYTER_RUNTIME_DIR": str(runtime)},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "00_setup" in output and " ok " in output
+    assert "without encryption" not in output and "WARNING" not in output, output
+    # the kernel's sockets were in the runtime folder, and are gone with the kernel
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_setup.ipynb", "build"]
+    assert list(runtime.iterdir()) == []
+    runtime.rmdir()
+
+
+def test_the_kernel_talks_over_unix_sockets_at_an_absolute_path(monkeypatch) -> None:
+    config = course.kernel_config()["KernelManager"]
+    assert config["transport"] == "ipc" and Path(config["ip"]).is_absolute()
+    assert course.kernel_config()["KernelManager"]["ip"] != config["ip"]  # one per kernel
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", "/" + "deep/" * 20)  # too long a socket path
+    assert "KernelManager" not in course.kernel_config()  # TCP, the default
+    monkeypatch.delenv("JUPYTER_RUNTIME_DIR")
+    monkeypatch.setattr(course.sys, "platform", "win32")  # no Unix sockets
+    assert "KernelManager" not in course.kernel_config()
