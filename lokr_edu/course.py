@@ -81,26 +81,32 @@ def _lectures() -> list[Path]:
 
 
 def run_course(paths: list[Path], out: Path) -> int:
-    """Execute each notebook into out/notebooks and render it to out/html; print a summary."""
-    from nbclient.exceptions import CellExecutionError
+    """Execute each notebook into out/notebooks and render it to out/html; print a summary.
+
+    A notebook that fails (an error in a cell, a cell past its timeout, a kernel that died)
+    does not stop the others; the summary names the first that broke.
+    """
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from nbconvert import HTMLExporter
 
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     (out / "html").mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures: list[str] = []
     for path in paths:
         try:
             nb, seconds = execute_notebook(path)
-        except CellExecutionError as error:
-            failures += 1
-            first_line = str(error).strip().splitlines()[-1][:120]
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
+            failures.append(path.name)
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[-1][:120]
             print(f"{path.stem:<32} FAILED   {first_line}", flush=True)
             continue
         nbformat.write(nb, out / "notebooks" / path.name)
         html, _ = HTMLExporter().from_notebook_node(nb)
         (out / "html" / f"{path.stem}.html").write_text(html, encoding="utf-8")
         print(f"{path.stem:<32} ok       {seconds:6.1f} s", flush=True)
-    print(f"{len(paths) - failures}/{len(paths)} chapters ran; HTML in {out / 'html'}")
+    print(f"{len(paths) - len(failures)}/{len(paths)} chapters ran; HTML in {out / 'html'}")
+    if failures:
+        print(f"first to break: {failures[0]}")
     return 1 if failures else 0
 
 

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import nbformat
+
 from lokr_edu import course
 
 SETUP = Path(__file__).resolve().parent.parent / "notebooks" / "00_setup.ipynb"
@@ -46,3 +48,29 @@ def test_the_kernel_talks_over_unix_sockets_at_an_absolute_path(monkeypatch) -> 
     monkeypatch.delenv("JUPYTER_RUNTIME_DIR")
     monkeypatch.setattr(course.sys, "platform", "win32")  # no Unix sockets
     assert "KernelManager" not in course.kernel_config()
+
+
+def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, capsys) -> None:
+    from nbclient.exceptions import CellExecutionError, DeadKernelError
+
+    def execute(path: Path):  # no kernel: what nbclient raises, per notebook
+        if path.stem == "02_error":
+            raise CellExecutionError("traceback", "ZeroDivisionError", "division by zero")
+        if path.stem == "03_dead":
+            raise DeadKernelError("Kernel died")
+        return nbformat.v4.new_notebook(), 1.0
+
+    monkeypatch.setattr(course, "execute_notebook", execute)
+    paths = [Path(f"{name}.ipynb") for name in ("01_fine", "02_error", "03_dead", "04_fine")]
+    assert course.run_course(paths, tmp_path) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:4]] == [
+        ["01_fine", "ok"],
+        ["02_error", "FAILED"],
+        ["03_dead", "FAILED"],
+        ["04_fine", "ok"],
+    ]
+    assert lines[-2:] == [
+        f"2/4 chapters ran; HTML in {tmp_path / 'html'}",
+        "first to break: 02_error.ipynb",
+    ]
