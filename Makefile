@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-full-arch test-latest lint exercises notebooks clean
+.PHONY: install course test test-full-arch install-latest test-latest lint exercises notebooks clean
 
 # $(call pip,VENV,ARGUMENTS): pip install into VENV, quiet, without what is known to be harmless;
 # real warnings and errors still print (after pip ends; all of it is in VENV/pip.log), and the
@@ -52,11 +52,14 @@ test-full-arch: $(INSTALLED)
 # constraints.txt unless TORCH says otherwise (CI: TORCH=torch, from PyTorch's CPU index).
 LATEST := .venv-latest
 TORCH ?= torch==2.13.0
-test-latest:
+install-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
 	@$(call pip,$(LATEST),--upgrade pip)
 	@$(call pip,$(LATEST),--upgrade -e '.[dev]' '$(TORCH)')
+	$(LATEST)/bin/python -m pip list --disable-pip-version-check --format=freeze --exclude-editable
+
+test-latest: install-latest
 	$(LATEST)/bin/python -m lokr_edu.course run --out build/latest notebooks/*.ipynb solutions/*.ipynb
 
 lint: $(INSTALLED)
