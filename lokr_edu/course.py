@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import sys
 import time
@@ -26,6 +27,7 @@ KERNEL_METADATA = {
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
 }
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # in tracebacks from the kernel
 MAX_SOCKET_PREFIX = 96  # + "-<n>": under the 104 bytes of a macOS Unix socket path (108 Linux)
 
 __all__ = ["clean_metadata", "execute_notebook", "kernel_config", "main"]
@@ -97,7 +99,8 @@ def run_course(paths: list[Path], out: Path) -> int:
             nb, seconds = execute_notebook(path)
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
             failures.append(path.name)
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[-1][:120]
+            message = ANSI_COLOR.sub("", str(error)).strip() or type(error).__name__
+            first_line = message.splitlines()[-1][:120]
             print(f"{path.stem:<32} FAILED   {first_line}", flush=True)
             continue
         nbformat.write(nb, out / "notebooks" / path.name)

@@ -55,7 +55,8 @@ def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, 
 
     def execute(path: Path):  # no kernel: what nbclient raises, per notebook
         if path.stem == "02_error":
-            raise CellExecutionError("traceback", "ZeroDivisionError", "division by zero")
+            colored = "traceback\n\x1b[31mZeroDivisionError\x1b[39m: by zero"
+            raise CellExecutionError(colored, "ZeroDivisionError", "by zero")
         if path.stem == "03_dead":
             raise DeadKernelError("Kernel died")
         return nbformat.v4.new_notebook(), 1.0
@@ -64,6 +65,7 @@ def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, 
     paths = [Path(f"{name}.ipynb") for name in ("01_fine", "02_error", "03_dead", "04_fine")]
     assert course.run_course(paths, tmp_path) == 1
     lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("FAILED   ZeroDivisionError: by zero")  # without colour codes
     assert [line.split()[:2] for line in lines[:4]] == [
         ["01_fine", "ok"],
         ["02_error", "FAILED"],
