@@ -99,8 +99,9 @@ def run_course(paths: list[Path], out: Path) -> int:
             nb, seconds = execute_notebook(path)
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
             failures.append(path.name)
-            message = ANSI_COLOR.sub("", str(error)).strip() or type(error).__name__
-            first_line = message.splitlines()[-1][:120]
+            lines = ANSI_COLOR.sub("", str(error)).strip().splitlines() or [type(error).__name__]
+            # an error's last line names it; a timeout's first line says after how long
+            first_line = (lines[-1] if isinstance(error, CellExecutionError) else lines[0])[:120]
             print(f"{path.stem:<32} FAILED   {first_line}", flush=True)
             continue
         nbformat.write(nb, out / "notebooks" / path.name)

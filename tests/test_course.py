@@ -51,7 +51,7 @@ def test_the_kernel_talks_over_unix_sockets_at_an_absolute_path(monkeypatch) -> 
 
 
 def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, capsys) -> None:
-    from nbclient.exceptions import CellExecutionError, DeadKernelError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     def execute(path: Path):  # no kernel: what nbclient raises, per notebook
         if path.stem == "02_error":
@@ -59,20 +59,28 @@ def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, 
             raise CellExecutionError(colored, "ZeroDivisionError", "by zero")
         if path.stem == "03_dead":
             raise DeadKernelError("Kernel died")
+        if path.stem == "05_slow":
+            cell = nbformat.v4.new_code_cell("train()")
+            raise CellTimeoutError.error_from_timeout_and_cell("timed out", 600, cell)
         return nbformat.v4.new_notebook(), 1.0
 
     monkeypatch.setattr(course, "execute_notebook", execute)
-    paths = [Path(f"{name}.ipynb") for name in ("01_fine", "02_error", "03_dead", "04_fine")]
-    assert course.run_course(paths, tmp_path) == 1
+    names = ("01_fine", "02_error", "03_dead", "04_fine", "05_slow")
+    assert course.run_course([Path(f"{name}.ipynb") for name in names], tmp_path) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].endswith("FAILED   ZeroDivisionError: by zero")  # without colour codes
-    assert [line.split()[:2] for line in lines[:4]] == [
+    assert [line.split()[:2] for line in lines[:5]] == [
         ["01_fine", "ok"],
         ["02_error", "FAILED"],
         ["03_dead", "FAILED"],
         ["04_fine", "ok"],
+        ["05_slow", "FAILED"],
     ]
+    assert lines[1].endswith("FAILED   ZeroDivisionError: by zero")  # without colour codes
+    assert lines[2].endswith("FAILED   Kernel died")
+    assert lines[4].endswith(
+        "FAILED   A cell timed out while it was being executed, after 600 seconds."
+    )
     assert lines[-2:] == [
-        f"2/4 chapters ran; HTML in {tmp_path / 'html'}",
+        f"2/5 chapters ran; HTML in {tmp_path / 'html'}",
         "first to break: 02_error.ipynb",
     ]
