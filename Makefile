@@ -7,18 +7,34 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-fast test-full-arch test-browser slides gpu-check rehearse lint exercises notebooks clean
+.PHONY: install course test test-fast test-full-arch test-browser slides gpu-check rehearse install-latest test-latest lint exercises notebooks clean
+
+# $(call pip,VENV,ARGUMENTS): pip install into VENV, quiet, without what is known to be harmless;
+# real warnings and errors still print (after pip ends; all of it is in VENV/pip.log), and the
+# exit status is pip's. Known harmless:
+# - pip's "a new release of pip is available" (--disable-pip-version-check);
+# - setuptools' "Editable installation. ... folders in your working directory with the same name
+#   as your package may take precedence": lokr_edu/ is that package (PYTHONWARNINGS reaches the
+#   build backend's process);
+# - "Location '...' is ignored: it is neither a file nor a directory": a machine-wide pip config
+#   that lists local package folders (the course machines have one) gets one line for each
+#   package a folder lacks, and pip goes on to the next index.
+PIP_NOISE := ^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$$
+pip = PYTHONWARNINGS='ignore:Editable installation:UserWarning' $(1)/bin/python -m pip install \
+	--quiet --disable-pip-version-check $(2) >$(1)/pip.log 2>&1; status=$$?; \
+	grep -v -e "$(PIP_NOISE)" $(1)/pip.log; exit $$status
 
 $(INSTALLED): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
-	touch $(INSTALLED)
+	@echo "Installing lokr-edu and its dependencies into $(VENV) (once, a minute or two)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(call pip,$(VENV),--upgrade pip)
+	@$(call pip,$(VENV),-c constraints.txt -e '.[dev]')
+	@touch $(INSTALLED)
 
 install: $(INSTALLED)
 
 course: $(INSTALLED)
-	$(BIN)/python -m lokr_edu.course run
+	@$(BIN)/python -m lokr_edu.course run
 
 test: $(INSTALLED)
 	$(BIN)/ruff check .
@@ -56,6 +72,22 @@ gpu-check:
 # accelerate launch. About a quarter of an hour on 2 cores, 5 GB of memory, 3 GB of disk.
 rehearse: $(INSTALLED)
 	$(BIN)/python tools/rehearse.py
+
+# Opt-in (the weekly CI run, .github/workflows/latest.yml): the newest release of every
+# dependency, without constraints.txt, in a fresh .venv-latest; then every lecture and solution
+# notebook in course order, naming the first that breaks. torch stays the CPU build pinned in
+# constraints.txt unless TORCH says otherwise (CI: TORCH=torch, from PyTorch's CPU index).
+LATEST := .venv-latest
+TORCH ?= torch==2.13.0
+install-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	@$(call pip,$(LATEST),--upgrade pip)
+	@$(call pip,$(LATEST),--upgrade -e '.[dev]' '$(TORCH)')
+	$(LATEST)/bin/python -m pip list --disable-pip-version-check --format=freeze --exclude-editable
+
+test-latest: install-latest
+	$(LATEST)/bin/python -m lokr_edu.course run --out build/latest notebooks/*.ipynb solutions/*.ipynb
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -11,19 +11,26 @@ of the current environment, then metadata trimmed to kernel + language, so diffs
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import secrets
 import sys
 import time
 from pathlib import Path
 
 import nbformat
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_METADATA = {
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
 }
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # in tracebacks from the kernel
+MAX_SOCKET_PREFIX = 96  # + "-<n>": under the 104 bytes of a macOS Unix socket path (108 Linux)
 
-__all__ = ["clean_metadata", "execute_notebook", "main"]
+__all__ = ["clean_metadata", "execute_notebook", "kernel_config", "main"]
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -34,6 +41,24 @@ def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         kept = {key: cell.metadata[key] for key in ("tags", "slideshow") if cell.metadata.get(key)}
         cell.metadata = nbformat.from_dict(kept)
     return nb
+
+
+def kernel_config() -> Config:
+    """How the kernel talks to us: over Unix sockets (ZeroMQ "ipc") where there are any.
+
+    Over the default TCP, ipykernel warns on every start that its traffic is unencrypted
+    ("Kernel is running over TCP without encryption"), once per chapter of `make course`. Its
+    advice is IPC: sockets in Jupyter's runtime folder, which only this user can open; nothing
+    else is silenced. The socket path must be absolute: the kernel runs in the notebook's
+    folder. Windows has no Unix sockets for ZeroMQ, and a socket path has at most about 100
+    characters (104 on macOS): TCP in both cases.
+    """
+    runtime = Path(jupyter_runtime_dir())
+    sockets = runtime / f"lokr-edu-{os.getpid()}-{secrets.token_hex(4)}-ipc"  # + "-<n>" each
+    if sys.platform == "win32" or len(str(sockets)) > MAX_SOCKET_PREFIX:
+        return Config()
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(sockets)}})
 
 
 def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, float]:
@@ -48,6 +73,7 @@ def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookN
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
         record_timing=False,
+        config=kernel_config(),
     )
     client.execute()
     return clean_metadata(nb), time.perf_counter() - start
@@ -58,26 +84,34 @@ def _lectures() -> list[Path]:
 
 
 def run_course(paths: list[Path], out: Path) -> int:
-    """Execute each notebook into out/notebooks and render it to out/html; print a summary."""
-    from nbclient.exceptions import CellExecutionError
+    """Execute each notebook into out/notebooks and render it to out/html; print a summary.
+
+    A notebook that fails (an error in a cell, a cell past its timeout, a kernel that died)
+    does not stop the others; the summary names the first that broke.
+    """
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from nbconvert import HTMLExporter
 
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     (out / "html").mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures: list[str] = []
     for path in paths:
         try:
             nb, seconds = execute_notebook(path)
-        except CellExecutionError as error:
-            failures += 1
-            first_line = str(error).strip().splitlines()[-1][:120]
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as error:
+            failures.append(path.name)
+            lines = ANSI_COLOR.sub("", str(error)).strip().splitlines() or [type(error).__name__]
+            # an error's last line names it; a timeout's first line says after how long
+            first_line = (lines[-1] if isinstance(error, CellExecutionError) else lines[0])[:120]
             print(f"{path.stem:<32} FAILED   {first_line}", flush=True)
             continue
         nbformat.write(nb, out / "notebooks" / path.name)
         html, _ = HTMLExporter().from_notebook_node(nb)
         (out / "html" / f"{path.stem}.html").write_text(html, encoding="utf-8")
         print(f"{path.stem:<32} ok       {seconds:6.1f} s", flush=True)
-    print(f"{len(paths) - failures}/{len(paths)} chapters ran; HTML in {out / 'html'}")
+    print(f"{len(paths) - len(failures)}/{len(paths)} chapters ran; HTML in {out / 'html'}")
+    if failures:
+        print(f"first to break: {failures[0]}")
     return 1 if failures else 0
 
 

@@ -32,12 +32,14 @@ Both formats record "lokr_edu.method", "lokr_edu.rank", "lokr_edu.alpha", "lokr_
 
 `target` is an nn.Module or a diffusers pipeline (its `unet` and `text_encoder`). Files are
 written atomically. Pickle files (.pt, .bin, .ckpt, ...) are refused: unpickling runs code.
-A file that does not fit the model is refused before anything in the model changes.
+A file that does not fit the model, or holds NaN or inf, is refused before anything in the
+model changes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -357,6 +359,27 @@ def _lora_config(adapters: list[tuple[Layer, Adapter]]) -> dict[str, object]:
     return config
 
 
+def _require_finite(tensors: dict[str, Tensor], path: Path) -> None:
+    """Refuse a file with NaN or inf in any tensor, naming the first such key (in key order).
+
+    Such a file loads without complaint otherwise, and every output of the model is then NaN:
+    black or noise images, with nothing saying why. It comes from a diverged training run or a
+    broken export.
+    """
+    for key in sorted(tensors):
+        value = tensors[key]
+        if not value.is_floating_point() or torch.isfinite(value).all():
+            continue
+        kind = "NaN" if torch.isnan(value).any() else "inf"
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"key {key} holds {kind} ({bad} of {value.numel()} values are not finite): "
+            f"{path.name} would make every output of the model NaN; refusing it. It comes from "
+            "a training run that diverged or an export that went wrong: export the adapter "
+            "again from the last checkpoint whose loss was finite."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # reading a file's groups: {layer key: {tensor name: tensor}}, with alpha filled in
 # ---------------------------------------------------------------------------------------------
@@ -393,11 +416,15 @@ def _peft_alpha(config: dict[str, object], path: str, rank: int) -> float:
             "peft config: use_rslora / use_dora adapters are not plain LoRA; lokr_edu cannot "
             "load them"
         )
-    for pattern, alpha in dict(config.get(f"{prefix}alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(alpha)
     alpha = config.get(f"{prefix}lora_alpha")
-    return float(alpha) if alpha is not None else float(rank)
+    for pattern, value in dict(config.get(f"{prefix}alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha):  # JSON as Python writes it can hold NaN and Infinity
+        raise ValueError(f"peft config: the α of {path} is {alpha}; it must be finite")
+    return alpha
 
 
 def _peft_groups(
@@ -576,14 +603,16 @@ def load_adapter(
 
     Every key and shape is checked before the model changes: a pickle, a file that is not
     safetensors, a key that names no layer, a tensor of the wrong shape (the error gives the
-    first offending key and both shapes), a tensor lokr_edu does not implement (Tucker, DoRA)
-    or an adapter `name` of another layout raises ValueError and leaves the model as it was.
+    first offending key and both shapes), a tensor lokr_edu does not implement (Tucker, DoRA),
+    a tensor holding NaN or inf (the error names the first such key) or an adapter `name` of
+    another layout raises ValueError and leaves the model as it was.
     As after `inject`, only adapter parameters are trainable afterwards.
     Returns the names of the adapted modules ("unet.<path>" / "text_encoder.<path>" for a
     pipeline). Defined in chapter 04.
     """
     path = Path(path)
     tensors, metadata = read_safetensors(path)
+    _require_finite(tensors, path)
     is_peft = any(".lora_A." in k or ".lora_B." in k for k in tensors)
     if is_peft:
         groups = _peft_groups(tensors, _peft_config(path, metadata))

@@ -8,7 +8,9 @@ diffusers reading and writing these files) is in tests/test_interop_*.py.
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -430,6 +432,56 @@ def test_a_file_that_does_not_fit_is_refused_and_nothing_changes(
     model = adapted(existing, std=0.5) if existing else network()
     before = fingerprint(model)
     with pytest.raises(ValueError, match=message):
+        load_adapter(model, path)
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("existing", [None, "lora"], ids=["fresh model", "adapted model"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("format", "key", "size"),
+    [
+        ("kohya", "lycoris_4.lora_up.weight", 26),
+        ("kohya", "lycoris_0.alpha", 1),
+        ("peft", "base_model.model.4.lora_B.weight", 26),
+    ],
+    ids=["kohya", "kohya alpha", "peft"],
+)
+def test_a_file_holding_nan_or_inf_is_refused_and_nothing_changes(
+    tmp_path, format, key, size, value, existing
+) -> None:
+    def poison(tensors: dict) -> None:
+        tensors[key].view(-1)[-1] = value
+
+    source = save_adapter(adapted("lora"), tmp_path / "a.safetensors", format=format)
+    path = rewrite(tmp_path, source, poison)
+    model = adapted(existing, std=0.5) if existing else network()
+    before = fingerprint(model)
+    kind = "NaN" if math.isnan(value) else "inf"
+    with pytest.raises(
+        ValueError, match=rf"key {re.escape(key)} holds {kind} \(1 of {size} values are not finite"
+    ):
+        load_adapter(model, path)
+    assert_unchanged(before, model)
+
+
+def test_the_first_non_finite_key_is_named(tmp_path) -> None:
+    def poison(tensors: dict) -> None:
+        tensors["lycoris_4.lora_down.weight"][0] = math.inf
+        tensors["lycoris_2.lora_up.weight"][:] = math.nan
+
+    path = rewrite(tmp_path, save_adapter(adapted("lora"), tmp_path / "a.safetensors"), poison)
+    with pytest.raises(ValueError, match=r"key lycoris_2.lora_up.weight holds NaN \(16 of 16"):
+        load_adapter(network(), path)
+
+
+def test_a_peft_config_with_a_non_finite_alpha_is_refused(tmp_path) -> None:
+    source = save_adapter(adapted("lora"), tmp_path / "a.safetensors", format="peft")
+    path = rewrite(tmp_path, source, lambda t: None)  # drops the metadata: the sidecar counts
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": math.nan}))
+    model = network()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"the α of base_model.model.0 is nan; it must be finite"):
         load_adapter(model, path)
     assert_unchanged(before, model)
 

@@ -1,0 +1,86 @@
+"""lokr_edu.course: `make course` prints the course's own lines, not the kernel's chatter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+
+from lokr_edu import course
+
+SETUP = Path(__file__).resolve().parent.parent / "notebooks" / "00_setup.ipynb"
+
+
+def test_running_a_chapter_prints_no_kernel_transport_warning(tmp_path) -> None:
+    # chapter 00 is the cheapest (~10 s); a copy, so that a stray socket file would show
+    notebook = shutil.copy(SETUP, tmp_path / SETUP.name)
+    # a runtime folder of its own, with a path short enough for a Unix socket (tmp_path is not)
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))
+    result = subprocess.run(
+        [sys.executable, "-m", "lokr_edu.course", "run", "--out", str(tmp_path / "build")]
+        + [str(notebook)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"JUPYTER_RUNTIME_DIR": str(runtime)},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "00_setup" in output and " ok " in output
+    assert "without encryption" not in output and "WARNING" not in output, output
+    # the kernel's sockets were in the runtime folder, and are gone with the kernel
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_setup.ipynb", "build"]
+    assert list(runtime.iterdir()) == []
+    runtime.rmdir()
+
+
+def test_the_kernel_talks_over_unix_sockets_at_an_absolute_path(monkeypatch) -> None:
+    config = course.kernel_config()["KernelManager"]
+    assert config["transport"] == "ipc" and Path(config["ip"]).is_absolute()
+    assert course.kernel_config()["KernelManager"]["ip"] != config["ip"]  # one per kernel
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", "/" + "deep/" * 20)  # too long a socket path
+    assert "KernelManager" not in course.kernel_config()  # TCP, the default
+    monkeypatch.delenv("JUPYTER_RUNTIME_DIR")
+    monkeypatch.setattr(course.sys, "platform", "win32")  # no Unix sockets
+    assert "KernelManager" not in course.kernel_config()
+
+
+def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, capsys) -> None:
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    def execute(path: Path):  # no kernel: what nbclient raises, per notebook
+        if path.stem == "02_error":
+            colored = "traceback\n\x1b[31mZeroDivisionError\x1b[39m: by zero"
+            raise CellExecutionError(colored, "ZeroDivisionError", "by zero")
+        if path.stem == "03_dead":
+            raise DeadKernelError("Kernel died")
+        if path.stem == "05_slow":
+            cell = nbformat.v4.new_code_cell("train()")
+            raise CellTimeoutError.error_from_timeout_and_cell("timed out", 600, cell)
+        return nbformat.v4.new_notebook(), 1.0
+
+    monkeypatch.setattr(course, "execute_notebook", execute)
+    names = ("01_fine", "02_error", "03_dead", "04_fine", "05_slow")
+    assert course.run_course([Path(f"{name}.ipynb") for name in names], tmp_path) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[:5]] == [
+        ["01_fine", "ok"],
+        ["02_error", "FAILED"],
+        ["03_dead", "FAILED"],
+        ["04_fine", "ok"],
+        ["05_slow", "FAILED"],
+    ]
+    assert lines[1].endswith("FAILED   ZeroDivisionError: by zero")  # without colour codes
+    assert lines[2].endswith("FAILED   Kernel died")
+    assert lines[4].endswith(
+        "FAILED   A cell timed out while it was being executed, after 600 seconds."
+    )
+    assert lines[-2:] == [
+        f"2/5 chapters ran; HTML in {tmp_path / 'html'}",
+        "first to break: 02_error.ipynb",
+    ]
