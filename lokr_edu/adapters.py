@@ -61,6 +61,12 @@ def _param_name(key: str) -> str:
     return key.removesuffix(".weight")
 
 
+def tensor_key(attribute: str) -> str:
+    """Attribute name -> LyCORIS / kohya key: "lora_down" -> "lora_down.weight" (the two LoRA
+    factors are stored as a Linear's weight); others unchanged. The inverse of `_param_name`."""
+    return f"{attribute}.weight" if attribute in ("lora_down", "lora_up") else attribute
+
+
 class Adapter(nn.Module):
     """What LoRA, LoHa and LoKr share: one adapter's factors for one layer, and ΔW from them.
 
@@ -127,7 +133,7 @@ class Adapter(nn.Module):
     def keys(self) -> list[str]:
         """The LyCORIS / kohya names of this adapter's tensors, alpha included."""
         names = [n for n, _ in self.named_parameters(recurse=False)]
-        return [f"{n}.weight" if n in ("lora_down", "lora_up") else n for n in names] + ["alpha"]
+        return [tensor_key(n) for n in names] + ["alpha"]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lokr_edu.adapters import adapter_layers, inject, set_strength
+from lokr_edu.adapters import ADAPTER_METHODS, adapter_layers, inject, set_strength
 from lokr_edu.io import read_safetensors, save_adapter, write_safetensors_atomically
 from lokr_edu.sd15 import MODEL_ID
 
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-METHODS = ("lora", "loha", "lokr")
+METHODS = ADAPTER_METHODS  # the methods lokr_edu.adapters implements
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules)
 LR_SCHEDULERS = (

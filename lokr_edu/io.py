@@ -53,8 +53,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lokr_edu.adapters import WRAPPABLE, Adapter, AdapterLayer, adapter_layers, make_adapter
-from lokr_edu.sd15 import kohya_key
+from lokr_edu.adapters import (
+    WRAPPABLE,
+    Adapter,
+    AdapterLayer,
+    adapter_layers,
+    make_adapter,
+    tensor_key,
+)
+from lokr_edu.sd15 import COMPONENTS, kohya_key
 
 __all__ = [
     "FORMATS",
@@ -71,7 +78,6 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' name for the LoraConfig it 
 PEFT_CONFIG_FILE = "adapter_config.json"  # where peft's save_pretrained puts r and lora_alpha
 PEFT_MODEL_PREFIX = "base_model.model."  # peft's prefix for the keys of a plain module
 GENERIC_PREFIX = "lycoris"  # lycoris-lora's LycorisNetwork.LORA_PREFIX for a generic module
-COMPONENTS = ("unet", "text_encoder")
 
 # The tensors of one layer that lokr_edu reads, per method; anything else in a group is refused.
 METHOD_TENSORS = {
@@ -254,11 +260,6 @@ def write_safetensors_atomically(
 # ---------------------------------------------------------------------------------------------
 
 
-def _file_name(parameter: str) -> str:
-    """Adapter attribute -> tensor name in a file: lora_down -> lora_down.weight."""
-    return f"{parameter}.weight" if parameter in ("lora_down", "lora_up") else parameter
-
-
 def save_adapter(
     target: object,
     path: Path | str,
@@ -310,7 +311,7 @@ def save_adapter(
         if format == "kohya":
             key = _kohya_prefix(layer, prefix, text_model_keys)
             for parameter, value in adapter.named_parameters():
-                tensors[f"{key}.{_file_name(parameter)}"] = cast(value)
+                tensors[f"{key}.{tensor_key(parameter)}"] = cast(value)
             tensors[f"{key}.alpha"] = cast(adapter.alpha)
         else:
             key = _peft_path(layer)
@@ -571,7 +572,7 @@ def _plan(
     adapter = make_adapter(method, base, rank, alpha or None, shapes=expected)  # 0 or None: α = r
     with torch.no_grad():
         for parameter, value in adapter.named_parameters():
-            value.copy_(group[_file_name(parameter)].to(value.dtype))
+            value.copy_(group[tensor_key(parameter)].to(value.dtype))
     if isinstance(module, AdapterLayer) and name in module.adapters:
         existing = module.adapters[name]
         has = {n: tuple(p.shape) for n, p in existing.named_parameters()}
