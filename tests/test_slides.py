@@ -22,20 +22,8 @@ _spec = importlib.util.spec_from_file_location("slides", REPO / "tools" / "slide
 slides = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(slides)
 
-# Chapter 07 belongs to another change; it gets its marks with `python tools/slides.py mark`.
-UNMARKED = {"07_stable_diffusion_lokr.ipynb"}
 
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason="not marked yet", strict=False))
-        if p.name in UNMARKED
-        else p
-        for p in LECTURES
-    ],
-    ids=lambda p: p.stem,
-)
+@pytest.mark.parametrize("path", LECTURES, ids=lambda p: p.stem)
 def test_every_lecture_is_marked_for_slides(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     assert slides.problems(nb) == []
@@ -46,9 +34,7 @@ def test_every_lecture_is_marked_for_slides(path: Path) -> None:
             assert kind in ("slide", "subslide"), "a figure gets a slide of its own"
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in LECTURES if p.name not in UNMARKED], ids=lambda p: p.stem
-)
+@pytest.mark.parametrize("path", LECTURES, ids=lambda p: p.stem)
 def test_marks_are_what_the_rules_give(path: Path) -> None:
     """`tools/slides.py mark` is repeatable: re-running it on a marked lecture changes nothing."""
     nb = nbformat.read(path, as_version=4)
@@ -112,7 +98,7 @@ def built(tmp_path_factory) -> Path:
     if shutil.which("npm") is None and not (REPO / "build" / "vendor").exists():
         pytest.skip("make slides fetches reveal.js and MathJax with npm, which is not installed")
     out = tmp_path_factory.mktemp("slides")
-    lectures = [str(p) for p in LECTURES if p.name not in UNMARKED][:2]
+    lectures = [str(p) for p in LECTURES][:2]
     subprocess.run(
         [sys.executable, str(REPO / "tools" / "slides.py"), "build", *lectures, "--out", str(out)],
         check=True,
