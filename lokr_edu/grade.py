@@ -80,7 +80,7 @@ class Exercise:
     number: str  # "1.1"
     title: str  # "Exercise 1.1: the Kronecker product"
     check: str  # "check_kron"
-    argument: str  # "my_kron": what the check is called on
+    argument: str  # "my_kron" (or "A, B"): what the check is called on
     check_line: str  # "checks.check_kron(my_kron)"
     defines: tuple[str, ...]  # names the exercise cell defines at top level
 
@@ -137,7 +137,8 @@ class Report:
 
 
 def _check_call(source: str) -> tuple[str, str, str] | None:
-    """('check_kron', 'my_kron', 'checks.check_kron(my_kron)') for the cell's top-level check."""
+    """('check_kron', 'my_kron', 'checks.check_kron(my_kron)') for the cell's top-level check;
+    a check of several arguments gives them as one expression, ('check_rank_loss', 'A, B', ...)."""
     for node in ast.parse(source).body:
         call = node.value if isinstance(node, ast.Expr) else None
         if (
@@ -146,10 +147,11 @@ def _check_call(source: str) -> tuple[str, str, str] | None:
             and isinstance(call.func.value, ast.Name)
             and call.func.value.id == "checks"
             and call.func.attr.startswith("check_")
-            and len(call.args) == 1
+            and call.args
             and not call.keywords
         ):
-            return call.func.attr, ast.unparse(call.args[0]), ast.unparse(call)
+            arguments = ", ".join(ast.unparse(a) for a in call.args)
+            return call.func.attr, arguments, ast.unparse(call)
     return None
 
 
@@ -343,14 +345,14 @@ def __lokr_edu_grade(namespace):
             setattr(package, name, getattr(fresh, name))
         check = getattr(fresh, {check!r})
         try:
-            argument = eval({argument!r}, namespace)
+            arguments = eval("(" + {argument!r} + ",)", namespace)
         except NameError as error:
             result.update(status="undefined", ename="NameError", message=str(error))
         else:
             buffer = io.StringIO()
             try:
                 with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-                    check(argument)
+                    check(*arguments)
             except BaseException as error:
                 names = {{c.__name__ for c in type(error).__mro__}}
                 result.update(

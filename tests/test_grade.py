@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lokr_edu.exercises import EXERCISES, SOLUTIONS
+from lokr_edu.exercises import EXERCISES, SOLUTIONS, exercise_kinds
 from lokr_edu.grade import (
     _has_check_line,
     identify_chapter,
@@ -139,6 +139,9 @@ def graded(tmp_path_factory) -> tuple[dict[str, list[dict]], str]:
     return by_student, printed.getvalue()
 
 
+N = len(exercise_kinds(SOLUTIONS / f"{CH01}_solutions.ipynb"))  # chapter 01's exercises
+
+
 def _exercise_rows(rows: list[dict]) -> dict[str, dict]:
     return {r["exercise"].split(":")[0].split()[1]: r for r in rows if r["kind"] != "total"}
 
@@ -160,7 +163,7 @@ def test_every_file_gets_rows_and_a_total_hidden_files_are_skipped(graded) -> No
 
 def test_solutions_get_full_marks_with_the_checks_messages(graded) -> None:
     rows = graded[0]["alice.ipynb"]
-    assert _total(rows)["passed"] == "5/5"
+    assert _total(rows)["passed"] == f"{N}/{N}"
     for row in _exercise_rows(rows).values():
         assert (row["kind"], row["passed"]) == ("pass", "yes")
         assert row["message"].startswith("✓ ")
@@ -169,7 +172,7 @@ def test_solutions_get_full_marks_with_the_checks_messages(graded) -> None:
 
 def test_blank_exercises_get_zero_with_their_messages(graded) -> None:
     rows = graded[0]["bob.ipynb"]
-    assert _total(rows)["passed"] == "0/5"
+    assert _total(rows)["passed"] == f"0/{N}"
     for number, row in _exercise_rows(rows).items():
         assert (row["kind"], row["passed"]) == ("blank", "no")
         assert row["message"].startswith(f"NotImplementedError: Exercise {number}:")
@@ -178,9 +181,10 @@ def test_blank_exercises_get_zero_with_their_messages(graded) -> None:
 
 def test_wrong_answers_get_partial_marks_with_the_checks_explanations(graded) -> None:
     rows = graded[0]["carol.ipynb"]
-    assert _total(rows)["passed"] == "2/5"
+    assert _total(rows)["passed"] == f"2/{N}"
     got = _exercise_rows(rows)
-    assert [got[n]["kind"] for n in sorted(got)] == ["wrong", "pass", "wrong", "pass", "wrong"]
+    answered = ["wrong", "pass", "wrong", "pass", "wrong"]  # 1.1-1.5; the rest left blank
+    assert [got[n]["kind"] for n in sorted(got)] == answered + ["blank"] * (N - 5)
     assert "kron computed B ⊗ A" in got["1.1"]["message"]
     assert "the zero matrix has rank 0" in got["1.3"]["message"]
     assert "return the smaller factor first" in got["1.5"]["message"]
@@ -208,8 +212,9 @@ def test_a_tampered_notebook_is_flagged_and_graded_by_the_graders_own_checks(gra
     assert "FLAGGED" in got["1.5"]["message"] and "NameError" in got["1.5"]["message"]
     # the last cell kills the kernel: said in the total, the grades stand
     total = _total(rows)
-    assert total["passed"] == "2/5"
-    assert "3 flagged" in total["message"] and "kernel died" in total["message"]
+    assert total["passed"] == f"2/{N}"
+    # flagged: 1.1, 1.4, 1.5, and every later exercise, whose check line `del checks` broke
+    assert f"{3 + N - 5} flagged" in total["message"] and "kernel died" in total["message"]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +230,7 @@ def test_each_bad_submission_is_reported_in_its_row(graded, name, kind, words) -
     rows = graded[0][name]
     assert [r["kind"] for r in rows] == [kind, "total"]
     assert words in rows[0]["message"] and rows[0]["passed"] == "no"
-    assert rows[1]["passed"] == "0/5" and "not graded" in rows[1]["message"]
+    assert rows[1]["passed"] == f"0/{N}" and "not graded" in rows[1]["message"]
 
 
 # --- no kernel needed --------------------------------------------------------------------------
