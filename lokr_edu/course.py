@@ -30,7 +30,7 @@ KERNEL_METADATA = {
 ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # in tracebacks from the kernel
 MAX_SOCKET_PREFIX = 96  # + "-<n>": under the 104 bytes of a macOS Unix socket path (108 Linux)
 
-__all__ = ["clean_metadata", "execute_notebook", "kernel_config", "main"]
+__all__ = ["clean_metadata", "execute_notebook", "kernel_config", "lectures", "main"]
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -62,8 +62,13 @@ def kernel_config() -> Config:
 
 
 def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookNode, float]:
-    """Run a notebook top to bottom in a fresh python3 kernel of this environment."""
+    """Run a notebook top to bottom in a fresh python3 kernel of this environment.
+
+    A cell's printed lines can arrive in several stream messages; they are joined into one
+    output per stream, so re-executing a notebook does not change its file when its output
+    does not change."""
     from nbclient import NotebookClient
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
@@ -76,10 +81,12 @@ def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookN
         config=kernel_config(),
     )
     client.execute()
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
     return clean_metadata(nb), time.perf_counter() - start
 
 
-def _lectures() -> list[Path]:
+def lectures() -> list[Path]:
+    """notebooks/NN_*.ipynb of this checkout, in course order."""
     return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        return run_course(args.paths or _lectures(), args.out)
+        return run_course(args.paths or lectures(), args.out)
     for path in args.paths:
         nb, seconds = execute_notebook(path)
         nbformat.write(nb, path)

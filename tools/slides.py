@@ -37,8 +37,9 @@ from pathlib import Path
 
 import nbformat
 
+from lokr_edu.course import lectures
+
 REPO = Path(__file__).resolve().parent.parent
-LECTURES = REPO / "notebooks"
 TEMPLATES = Path(__file__).resolve().parent / "slides_templates"
 SLIDE_TYPES = ("slide", "subslide", "fragment", "-", "skip", "notes")
 BUDGET = 30  # lines that fit on a 960×700 slide (code is set smaller; a longer slide scrolls)
@@ -257,10 +258,6 @@ def build(paths: list[Path], out: Path, vendor: Path) -> list[Path]:
     return written
 
 
-def _lectures() -> list[Path]:
-    return sorted(LECTURES.glob("[0-9][0-9]_*.ipynb"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python tools/slides.py",
@@ -293,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         failed = 0
-        for path in args.paths or _lectures():
+        for path in args.paths or lectures():
             found = problems(nbformat.read(path, as_version=4))
             if found:
                 failed = 1
                 more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
                 print(f"{path}: {'; '.join(found[:3])}{more}: run python tools/slides.py mark")
         return failed
-    build(args.paths or _lectures(), args.out, args.vendor)
+    build(args.paths or lectures(), args.out, args.vendor)
     return 0
 
 
