@@ -34,7 +34,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/01_kronecker_product.ipynb",
         ("lokr_edu/kron.py",),
         "CPU",
-        12,
+        14,
         "exercises/01_kronecker_product_exercises.ipynb",
     ),
     Chapter(
@@ -43,7 +43,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/02_peft_and_lora.ipynb",
         ("lokr_edu/lowrank.py",),
         "CPU",
-        14,
+        15,
         "exercises/02_peft_and_lora_exercises.ipynb",
     ),
     Chapter(
@@ -52,7 +52,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/03_loha_and_lokr.ipynb",
         ("lokr_edu/lowrank.py", "lokr_edu/sd15.py"),
         "CPU",
-        18,
+        29,
         "exercises/03_loha_and_lokr_exercises.ipynb",
     ),
     Chapter(
@@ -70,7 +70,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/05_finetune_on_cpu.ipynb",
         ("lokr_edu/toy.py",),
         "CPU",
-        45,
+        64,
         "exercises/05_finetune_on_cpu_exercises.ipynb",
     ),
     Chapter(
@@ -88,7 +88,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/07_stable_diffusion_lokr.ipynb",
         ("lokr_edu/diffusion.py", "lokr_edu/digits_sd.py", "lokr_edu/train.py"),
         "GPU for the full run; tiny mode on CPU",
-        185,
+        267,
         "exercises/07_stable_diffusion_lokr_exercises.ipynb",
     ),
 ]
