@@ -408,6 +408,7 @@ def noise_prediction_loss(
     scheduler,
     generator: torch.Generator,
     snr_gamma: float | None = None,
+    reduction: str = "mean",
 ) -> Tensor:
     """The ε-prediction loss of one batch of clean latents z0 (module docstring).
 
@@ -415,6 +416,7 @@ def noise_prediction_loss(
     the latents' device. For a v-prediction scheduler the target is v = √ᾱ_t·ε − √(1−ᾱ_t)·z0.
     With snr_gamma, each example is weighted by min(SNR_t, γ)/SNR_t (Hang et al., 2023; for
     v-prediction min(SNR_t, γ)/(SNR_t + 1)), as diffusers' script does; SNR_t = ᾱ_t / (1 − ᾱ_t).
+    reduction="none" returns each example's (weighted) loss, shape (batch,), instead of the mean.
     """
     from diffusers.training_utils import compute_snr
 
@@ -425,14 +427,17 @@ def noise_prediction_loss(
     prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings).sample
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    if snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float())
-    snr = compute_snr(scheduler, timesteps)  # (batch,)
-    weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
         dim=(1, 2, 3)
-    )
-    return (weights * per_example).mean()
+    )  # (batch,)
+    if snr_gamma is not None:
+        snr = compute_snr(scheduler, timesteps)  # (batch,)
+        per_example = per_example * torch.clamp(snr, max=snr_gamma) / (
+            snr + 1 if v_prediction else snr
+        )
+    return per_example.mean() if reduction == "mean" else per_example
 
 
 def _trainable(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
