@@ -84,8 +84,9 @@ class TrainConfig:
     batch_size its train_batch_size. The learning rate follows
     diffusers.optimization.get_scheduler(lr_scheduler, warmup = lr_warmup_steps, total = steps);
     the gradient norm is clipped to max_grad_norm (None: no clipping). mixed_precision is
-    accelerate's: "no" (fp32), "fp16" (a GPU, with loss scaling) or "bf16"; the frozen weights
-    are then kept in that dtype and the trained factors in fp32, as diffusers does.
+    "no" (fp32), "fp16" (a GPU, with loss scaling) or "bf16", as accelerate spells them: the
+    U-Net's forward runs under torch.autocast in that dtype, the frozen weights are kept in it
+    and the trained factors in fp32, as diffusers does.
     gradient_checkpointing recomputes the U-Net's activations in the backward pass (less memory,
     about a third more time). With sample_every > 0, a grid of images for sample_prompts is
     saved every sample_every steps, sample_resolution pixels square (None: the pipeline's
@@ -434,8 +435,8 @@ def noise_prediction_loss(
     )  # (batch,)
     if snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps)  # (batch,)
-        per_example = per_example * torch.clamp(snr, max=snr_gamma) / (
-            snr + 1 if v_prediction else snr
+        per_example = (
+            per_example * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
         )
     return per_example.mean() if reduction == "mean" else per_example
 
@@ -511,16 +512,17 @@ def load_checkpoint(
 
 
 def _accelerator(config: TrainConfig):
-    """An accelerate.Accelerator for the config's mixed precision and gradient accumulation."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    """An accelerate.Accelerator for the config's gradient accumulation (and device, processes).
 
-    earlier = AcceleratorState._shared_state.get("_mixed_precision")
-    if earlier not in (None, config.mixed_precision) and PartialState().num_processes == 1:
-        # accelerate keeps one precision per process; a notebook may train in "no", then "bf16"
-        AcceleratorState._reset_state()
+    Its own mixed precision stays "no": accelerate keeps one precision per process, fixed by the
+    first Accelerator, and has no public way to change it, yet a notebook may train in "no", then
+    in "bf16". Mixed precision is done with PyTorch's public API instead (`_autocast`, and a
+    torch.amp.GradScaler for fp16), which is what accelerate's mixed_precision wraps.
+    """
+    from accelerate import Accelerator
+
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision="no",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -529,6 +531,32 @@ def _accelerator(config: TrainConfig):
             "CUDA); on the CPU use 'bf16' or 'no'"
         )
     return accelerator
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    """A fresh context that runs the U-Net's forward in the mixed-precision dtype ("no": fp32)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=MIXED_PRECISION[mixed_precision])
+
+
+def _optimizer_update(accelerator, optimizer, lr_scheduler, scaler, params, max_grad_norm) -> None:
+    """One optimizer update from the accumulated gradients, on the last micro-batch of a step.
+
+    fp16: the gradients are unscaled before clipping; a step whose gradients hold an inf or NaN
+    is skipped by the scaler (which lowers its scale), and then the LR schedule waits too, as
+    under accelerate's own fp16. Without fp16 the scaler is disabled and every call is a no-op
+    (get_scale() is then 1.0, without a device sync).
+    """
+    scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    if scaler.get_scale() >= scale:  # a lowered scale: the scaler skipped this step
+        lr_scheduler.step()
+    optimizer.zero_grad()
 
 
 def _check_captions(dataset: Sequence[tuple[Tensor, str]], tokenize) -> None:
@@ -548,9 +576,9 @@ def sample_grid(pipe, config: TrainConfig, tokenize=None, autocast=None):
 
     The pipeline's sampling loop, config.sample_inference_steps steps, seeded with config.seed,
     config.sample_resolution pixels square, the prompts' embeddings computed with `tokenize`
-    (default: the pipeline's tokenizer), under `autocast` (a context manager; `train` passes its
-    accelerator's). The same call on a pipeline that reloaded the exported adapter draws the
-    same grid. Defined in chapter 07.
+    (default: the pipeline's tokenizer), under `autocast` (a context manager; `train` passes
+    torch.autocast in its mixed-precision dtype). The same call on a pipeline that reloaded the
+    exported adapter draws the same grid. Defined in chapter 07.
     """
     from diffusers.utils import make_image_grid
 
@@ -574,9 +602,9 @@ def sample_grid(pipe, config: TrainConfig, tokenize=None, autocast=None):
     return make_image_grid(images, rows=1, cols=len(images))
 
 
-def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int, accelerator):
+def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int):
     """`sample_grid` saved as folder/step_NNNNNN.png (atomically)."""
-    grid = sample_grid(pipe, config, tokenize, accelerator.autocast())
+    grid = sample_grid(pipe, config, tokenize, _autocast(pipe.unet.device, config.mixed_precision))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.png"
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -686,11 +714,11 @@ def train(
         num_training_steps=config.steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
+    loss_scale = scaler if scaler.is_enabled() else None  # what a checkpoint records
     start = 0
     if resume:
-        start = load_checkpoint(
-            checkpoint, unet, optimizer, config, lr_scheduler, accelerator.scaler
-        )
+        start = load_checkpoint(checkpoint, unet, optimizer, config, lr_scheduler, loss_scale)
 
     def micro_batch_loss(step: int, micro: int) -> Tensor:
         draw = (step * accumulation + micro) * accelerator.num_processes + accelerator.process_index
@@ -702,9 +730,10 @@ def train(
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
             text = text_encoder(tokenize([caption for _, caption in examples]).to(device))[0]
-        return noise_prediction_loss(
-            model, latents, text, pipe.scheduler, generator, config.snr_gamma
-        )
+        with _autocast(device, config.mixed_precision):
+            return noise_prediction_loss(
+                model, latents, text, pipe.scheduler, generator, config.snr_gamma
+            )
 
     accumulation = config.gradient_accumulation_steps
     losses, saved = [], start if resume else None
@@ -720,12 +749,11 @@ def train(
         for micro in range(accumulation):
             with accelerator.accumulate(model):  # syncs and steps on the last micro-batch only
                 loss = micro_batch_loss(step, micro)
-                accelerator.backward(loss)  # of loss / accumulation
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                accelerator.backward(scaler.scale(loss))  # of loss / accumulation
+                if accelerator.sync_gradients:
+                    _optimizer_update(
+                        accelerator, optimizer, lr_scheduler, scaler, params, config.max_grad_norm
+                    )
             micro_losses.append(loss.detach())
         loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
         if not math.isfinite(loss):
@@ -737,17 +765,14 @@ def train(
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == end):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(
-                    checkpoint, unet, optimizer, config, done, lr_scheduler, accelerator.scaler
-                )
+                save_checkpoint(checkpoint, unet, optimizer, config, done, lr_scheduler, loss_scale)
             saved = done
         sample_now = config.sample_every and (
             done % config.sample_every == 0 or done == config.steps
         )
         if sample_now and accelerator.is_main_process:
-            _save_samples(pipe, config, tokenize, sample_dir, done, accelerator)
+            _save_samples(pipe, config, tokenize, sample_dir, done)
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # unet.forward without autocast
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     cast_training_params(unet, dtype=dtype)  # one dtype for the whole pipeline, for sampling

@@ -12,8 +12,11 @@ folder written by save_pretrained.
 Settings come from, in this order (later wins): TrainConfig's defaults, --config FILE (a JSON
 object of TrainConfig fields, plus any of "model", "data", "output", "resolution", "export",
 "center_crop", "random_flip"),
-the flags below. Without --mixed-precision in either, the precision that `accelerate launch
---mixed_precision` set (ACCELERATE_MIXED_PRECISION) is used, else "no".
+the flags. The training settings' flags are generated from TrainConfig, one per field (--rank
+for rank, --batch-size for batch_size, --adapter-options '{"factor": 4}' for the dict
+adapter_options, --sample-prompt repeated for sample_prompts), so none can be missing. Without
+--mixed-precision in either, the precision that `accelerate launch --mixed_precision` set
+(ACCELERATE_MIXED_PRECISION) is used, else "no".
 
 --data is a folder of images, each with a caption in a .txt file of the same name. Images are
 resized by their shorter side to --resolution, then cropped square (at random, or the centre
@@ -32,10 +35,13 @@ checkpoint.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import json
 import os
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,12 +70,92 @@ RUN_SETTINGS = {
     "center_crop": False,
     "random_flip": False,
 }
-# flag dest -> TrainConfig field, for the flags that set one
-CONFIG_FLAGS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "adapter_options"]
+# What a TrainConfig field's flag needs beyond what the field's type and default say: its
+# choices (the lists TrainConfig checks against), a spelling of its own, a help line.
+FLAG_EXTRAS: dict[str, dict[str, object]] = {
+    "method": {"choices": METHODS},
+    "alpha": {"shown": "the rank: scale 1"},
+    "targets": {"help": "module-name patterns"},
+    "steps": {"help": "optimizer updates (diffusers: max_train_steps)"},
+    "batch_size": {"help": "per process and micro-batch"},
+    "snr_gamma": {"help": "Min-SNR-γ weighting", "shown": "none"},
+    "adapter_options": {"help": "the adapter's options as a JSON object, e.g. '{\"factor\": 4}'"},
+    "lr_scheduler": {"choices": LR_SCHEDULERS},
+    "mixed_precision": {
+        "choices": tuple(MIXED_PRECISION),
+        "shown": "accelerate launch's --mixed_precision, else no",
+    },
+    "sample_every": {"help": "save a sample grid every N steps", "shown": "0, none"},
+    "sample_prompts": {
+        "flag": "--sample-prompt",
+        "action": "append",
+        "metavar": "PROMPT",
+        "help": "repeat for several",
+    },
+    "sample_resolution": {"help": "sample side", "shown": "--resolution"},
+}
+# every TrainConfig field has a flag (--field-name), its value stored under the field's name
+CONFIG_FLAGS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _json_object(text: str) -> dict:
+    """argparse type of a dict field: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _flag_options(name: str, hint: object) -> dict[str, object]:
+    """argparse options of the TrainConfig field `name` from its type: bool, int, float, str, a
+    sequence of str, a dict (a JSON object), each maybe `| None` (the flag then gives the value).
+    Any other type is a TypeError, so that a new field gets a flag or fails loudly (and in the
+    tests), never silently none."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+        hint = kinds[0] if len(kinds) == 1 else hint
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if hint in (int, float, str):
+        return {"type": hint}
+    if origin in (collections.abc.Sequence, tuple, list) and args[:1] == (str,):
+        return {"nargs": "+"}
+    if hint is dict or origin is dict:
+        return {"type": _json_object, "metavar": "JSON"}
+    raise TypeError(
+        f"TrainConfig.{name}: lokr_edu.train has no command-line form for {hint!r}; "
+        "give it one in train._flag_options"
+    )
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, generated from the dataclass: --rank for rank,
+    --batch-size for batch_size, ... (FLAG_EXTRAS adds choices, help and --sample-prompt)."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training settings (TrainConfig's fields; --config too)")
+    for field in dataclasses.fields(TrainConfig):
+        extras = dict(FLAG_EXTRAS.get(field.name, {}))
+        flag = extras.pop("flag", "--" + field.name.replace("_", "-"))
+        options = {} if "action" in extras else _flag_options(field.name, hints[field.name])
+        default = getattr(defaults, field.name)
+        if isinstance(default, tuple):
+            default = " ".join(default)
+        default = extras.pop("shown", default)
+        words = [extras.pop("help", ""), f"(default: {default})" if default not in ("", {}) else ""]
+        options["help"] = " ".join(str(w) for w in words if w).replace("%", "%%")
+        group.add_argument(flag, dest=field.name, default=None, **options, **extras)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line; every flag defaults to None, so that only flags given override."""
+    """The command line; every flag defaults to None, so that only flags given override.
+
+    The run's own flags are written here; the training settings' flags are generated from
+    TrainConfig, one per field (`_add_config_flags`)."""
     p = argparse.ArgumentParser(
         prog="python -m lokr_edu.train",
         description="Fine-tune a Stable Diffusion pipeline with a LoRA / LoHa / LoKr adapter "
@@ -99,29 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write the adapter in the kohya and (LoRA) diffusers formats at the end (default)",
     )
-    p.add_argument("--method", choices=METHODS)
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--targets", nargs="+", help="module-name patterns (default: to_q to_k ...)")
-    p.add_argument("--steps", type=int, help="optimizer updates (diffusers: max_train_steps)")
-    p.add_argument("--batch-size", type=int, help="per process and micro-batch")
-    p.add_argument("--gradient-accumulation-steps", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--lr-scheduler", choices=LR_SCHEDULERS)
-    p.add_argument("--lr-warmup-steps", type=int)
-    p.add_argument("--max-grad-norm", type=float)
-    p.add_argument("--snr-gamma", type=float)
-    p.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION))
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--sample-every", type=int, help="save a sample grid every N steps")
-    p.add_argument(
-        "--sample-prompt", dest="sample_prompts", action="append", help="repeat for several"
-    )
-    p.add_argument("--sample-inference-steps", type=int)
-    p.add_argument("--sample-resolution", type=int, help="sample side (default: --resolution)")
+    _add_config_flags(p)
     return p
 
 

@@ -324,3 +324,52 @@ def test_generate_batches_are_sized_for_a_16_gb_gpu() -> None:
     assert default_batch_size(pipe(64), resolution=256) == 32
     assert default_batch_size(pipe(96)) == 3  # 768²
     assert default_batch_size(pipe(1)) == 250  # chapter 07's tiny model: one batch
+
+
+def test_runs_in_different_precisions_follow_one_another_in_one_process() -> None:
+    """accelerate keeps one mixed precision per process; train does mixed precision with
+    torch.autocast (public API), so "no", then "bf16", then "no" again each run as asked, and the
+    last equals the first bit for bit (nothing of the bf16 run is left behind)."""
+    seen: list[torch.dtype | None] = []
+
+    def record(module, args) -> None:
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    config = TrainConfig(**{**CONFIG.__dict__, "steps": 2})
+    runs = {}
+    for name, precision in [("first", "no"), ("bf16", "bf16"), ("again", "no")]:
+        pipe = tiny_pipeline()
+        handle = pipe.unet.register_forward_pre_hook(record)
+        seen.clear()
+        mixed = TrainConfig(**{**config.__dict__, "mixed_precision": precision})
+        runs[name] = (train(pipe, DATASET, mixed, tokenize), adapter_state(pipe), set(seen))
+        handle.remove()
+    assert runs["first"][2] == runs["again"][2] == {None}  # fp32: no autocast
+    assert runs["bf16"][2] == {torch.bfloat16}
+    assert runs["again"][0] == runs["first"][0]
+    first, again = runs["first"][1], runs["again"][1]
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_an_fp16_update_whose_gradients_overflow_is_skipped_and_the_schedule_waits() -> None:
+    """The fp16 path of train's update (torch.amp.GradScaler, as accelerate's fp16 does), run on
+    the CPU: inf gradients skip the step and halve the scale, and the LR schedule does not move."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from lokr_edu.diffusion import _optimizer_update
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    accelerator = Accelerator(mixed_precision="no")
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    optimizer, schedule = accelerator.prepare(optimizer, schedule)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for gradient, moves in [(torch.tensor([1.0, float("inf"), 1.0]), False), (torch.ones(3), True)]:
+        before, lr, scale = weight.detach().clone(), schedule.get_last_lr()[0], scaler.get_scale()
+        accelerator.backward(scaler.scale((weight * gradient).sum()))
+        _optimizer_update(accelerator, optimizer, schedule, scaler, [weight], max_grad_norm=1.0)
+        assert (not torch.equal(weight, before)) == moves
+        assert (schedule.get_last_lr()[0] != lr) == moves
+        assert scaler.get_scale() == (scale if moves else scale / 2)
+        assert weight.grad is None or not weight.grad.any()  # zeroed for the next step

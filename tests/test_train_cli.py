@@ -227,3 +227,83 @@ def test_a_diverging_run_exits_with_status_1_naming_the_step(model, data, tmp_pa
     assert re.search(rf"the loss of step {int(metadata['step']) + 1} is (nan|inf)", error), error
     assert "last good checkpoint" in error and "Traceback" not in error
     assert not (tmp_path / "adapter.safetensors").exists()  # nothing diverged is exported
+
+
+def test_load_pipeline_converts_to_a_dtype_through_diffusers_public_argument(model):
+    """diffusers 0.42 renamed from_pretrained's torch_dtype to dtype and deprecates the old name:
+    load_pipeline passes the name the installed diffusers reads (by its version, a public fact),
+    so the weights load in that dtype and nothing warns."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(model, dtype=torch.bfloat16)
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
+    assert not [w for w in caught if "dtype" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_every_train_config_field_is_a_flag_of_its_own_type():
+    """The flags are generated from TrainConfig: a value for every field, given on the command
+    line, arrives in the TrainConfig unchanged (a new field without a flag fails here)."""
+    import dataclasses
+
+    from lokr_edu.diffusion import TrainConfig
+    from lokr_edu.train import _flag_options, build_parser, settings_from
+
+    flags = {
+        "method": ["--method", "loha"],
+        "rank": ["--rank", "3"],
+        "alpha": ["--alpha", "1.5"],
+        "targets": ["--targets", "to_q", "to_v"],
+        "steps": ["--steps", "7"],
+        "batch_size": ["--batch-size", "2"],
+        "learning_rate": ["--learning-rate", "0.003"],
+        "weight_decay": ["--weight-decay", "0.5"],
+        "snr_gamma": ["--snr-gamma", "5"],
+        "checkpoint_every": ["--checkpoint-every", "3"],
+        "seed": ["--seed", "11"],
+        "adapter_options": ["--adapter-options", '{"rank_dropout": 0.1}'],
+        "gradient_accumulation_steps": ["--gradient-accumulation-steps", "4"],
+        "lr_scheduler": ["--lr-scheduler", "cosine"],
+        "lr_warmup_steps": ["--lr-warmup-steps", "2"],
+        "max_grad_norm": ["--max-grad-norm", "0.5"],
+        "mixed_precision": ["--mixed-precision", "bf16"],
+        "gradient_checkpointing": ["--gradient-checkpointing"],
+        "sample_every": ["--sample-every", "2"],
+        "sample_prompts": ["--sample-prompt", "a digit", "--sample-prompt", "a red square"],
+        "sample_inference_steps": ["--sample-inference-steps", "5"],
+        "sample_resolution": ["--sample-resolution", "32"],
+    }
+    assert flags.keys() == {f.name for f in dataclasses.fields(TrainConfig)}
+    argv = [flag for name in flags for flag in flags[name]]
+    config, _ = settings_from(build_parser().parse_args(["--data", "d", "--output", "o", *argv]))
+    expected = TrainConfig(
+        method="loha",
+        rank=3,
+        alpha=1.5,
+        targets=("to_q", "to_v"),
+        steps=7,
+        batch_size=2,
+        learning_rate=0.003,
+        weight_decay=0.5,
+        snr_gamma=5.0,
+        checkpoint_every=3,
+        seed=11,
+        adapter_options={"rank_dropout": 0.1},
+        gradient_accumulation_steps=4,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        max_grad_norm=0.5,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        sample_every=2,
+        sample_prompts=("a digit", "a red square"),
+        sample_inference_steps=5,
+        sample_resolution=32,
+    )
+    assert config == expected
+    defaults = TrainConfig()
+    assert all(getattr(expected, n) != getattr(defaults, n) for n in flags), "test every field"
+    with pytest.raises(TypeError, match="no command-line form for"):
+        _flag_options("weights", complex)
