@@ -13,9 +13,10 @@ precision, and on several GPUs with `accelerate launch --multi_gpu -m lokr_edu.t
 
 Every random draw of a micro-batch (which images, which t, which ε) comes from a generator seeded
 with (seed, step, micro-batch, process), so a run that is interrupted and resumed from a
-checkpoint ends with exactly the adapter of a run that was not. Checkpoints are safetensors
-(adapter, optimizer moments) with the rest (step, config, LR schedule, fp16 loss scale) as JSON
-metadata: nothing is pickled (which is why `accelerator.save_state`, which pickles, is not used).
+checkpoint ends with exactly the adapter of a run that was not. Checkpoints are safetensors (the
+adapter, the optimizer's state tensors) with the rest (step, config, LR schedule, fp16 loss
+scale) as JSON metadata: nothing is pickled (which is why `accelerator.save_state`, which
+pickles, is not used).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -55,7 +55,6 @@ __all__ = [
     "default_batch_size",
     "sample_grid",
     "eta_sweep",
-    "write_tiny_clip_vocabulary",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -73,6 +72,7 @@ LR_SCHEDULERS = (
 CHECKPOINT_FILE = "checkpoint.safetensors"
 KOHYA_FILE = "adapter.safetensors"  # A1111, ComfyUI, kohya sd-scripts, LyCORIS
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) reads
+LOG_EVERY = 10  # train's progress bar shows the mean loss of the last LOG_EVERY steps
 
 
 @dataclass
@@ -454,19 +454,38 @@ def save_checkpoint(
     lr_scheduler=None,
     scaler=None,
 ) -> None:
-    """Adapter factors and Adam moments as tensors; step, config, LR schedule state and the fp16
-    loss scale (GradScaler) as JSON metadata. Atomic: a crash leaves the old file or the new."""
-    names = [n for n, _ in _trainable(unet)]
-    tensors = {f"param.{n}": p.detach().to("cpu", copy=True) for n, p in _trainable(unet)}
+    """The trained factors and the optimizer's state as tensors; step, config, LR schedule state
+    and the fp16 loss scale (GradScaler) as JSON metadata. Atomic: a crash leaves the old file or
+    the new one.
+
+    Any torch optimizer's state is stored, whatever its keys (Adam's exp_avg, SGD's
+    momentum_buffer, ...): each tensor of `optimizer.state_dict()["state"]` becomes the tensor
+    "optimizer.<parameter name>.<key>", with its shape, and every other value (a number) goes to
+    the JSON metadata "optimizer_values"; the param_groups (hyperparameters) are JSON too. A value
+    that is neither a tensor nor JSON (which would need a pickle) is a TypeError."""
+    trainable = _trainable(unet)
+    tensors = {f"param.{n}": p.detach().to("cpu", copy=True) for n, p in trainable}
     state = optimizer.state_dict()
-    for index, moments in state["state"].items():
-        for key, value in moments.items():
-            tensors[f"optimizer.{names[index]}.{key}"] = value.detach().to("cpu").reshape(-1)
-    metadata = {
-        "step": str(step),
-        "config": config.key(),
-        "param_groups": json.dumps(state["param_groups"]),
-    }
+    values: dict[str, dict[str, object]] = {}
+    for index, entries in state["state"].items():
+        name = trainable[index][0]
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{name}.{key}"] = value.detach().to("cpu", copy=True)
+            else:
+                values.setdefault(name, {})[key] = value
+    try:
+        metadata = {
+            "step": str(step),
+            "config": config.key(),
+            "param_groups": json.dumps(state["param_groups"]),
+            "optimizer_values": json.dumps(values),
+        }
+    except TypeError as error:
+        raise TypeError(
+            f"{type(optimizer).__name__}'s state holds a value that is neither a tensor nor JSON "
+            f"({error}); a checkpoint stores no pickles"
+        ) from None
     if lr_scheduler is not None:
         metadata["lr_scheduler"] = json.dumps(lr_scheduler.state_dict())
     if scaler is not None:
@@ -480,29 +499,31 @@ def load_checkpoint(
     """Restore a checkpoint written by `save_checkpoint`; returns the step to continue from.
 
     A checkpoint written by another configuration (TrainConfig.key) is refused before anything
-    changes."""
+    changes. The optimizer's state is rebuilt as `optimizer.state_dict()` had it and handed to
+    `optimizer.load_state_dict`, which moves it to each parameter's device."""
     tensors, metadata = read_safetensors(path)
     if metadata.get("config") != config.key():
         raise ValueError(
             f"checkpoint {Path(path).name} was written by another configuration: "
             f"{metadata.get('config')} (this run: {config.key()})"
         )
+    if "optimizer_values" not in metadata:  # the earlier format: Adam's moments, flattened
+        raise ValueError(
+            f"checkpoint {Path(path).name} was written by an older lokr_edu, which stored only "
+            "Adam's moments, flattened; it cannot be resumed: start the run again"
+        )
     trainable = _trainable(unet)
     with torch.no_grad():
         for name, p in trainable:
             p.copy_(tensors[f"param.{name}"])
+    values = json.loads(metadata["optimizer_values"])
     state = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
-    for index, (name, p) in enumerate(trainable):
-        moments = {
-            key.rsplit(".", 1)[1]: value
-            for key, value in tensors.items()
-            if key.startswith(f"optimizer.{name}.")
-        }
-        if moments:
-            shape = {"step": (), "exp_avg": p.shape, "exp_avg_sq": p.shape}
-            state["state"][index] = {
-                k: v.reshape(shape.get(k, v.shape)) for k, v in moments.items()
-            }
+    for index, (name, _) in enumerate(trainable):
+        prefix = f"optimizer.{name}."  # a parameter's name is never another's prefix + "."
+        entries = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        entries.update(values.get(name, {}))
+        if entries:
+            state["state"][index] = entries
     optimizer.load_state_dict(state)
     if lr_scheduler is not None and "lr_scheduler" in metadata:
         lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
@@ -653,6 +674,10 @@ def train(
     stop_after ends early after that many steps of this call (to simulate an interruption in
     tests). A loss that is not finite (NaN, ±inf: diverged) stops training at once with a
     FloatingPointError naming the step; the checkpoint on disk is then the last good one.
+    That test is the one host-device sync of a step (a GPU then waits for the step to end before
+    the next is queued; the stop must come before the step's checkpoint is written): the losses
+    stay tensors, handed to Python once at the end (and every LOG_EVERY steps, as the mean the
+    progress bar shows).
     Sample grids go to sample_dir (default checkpoint_dir/samples). progress=False
     hides the tqdm bar.
     Micro-batches come from `dataset.draw(i, generator)` when the dataset has it
@@ -720,6 +745,8 @@ def train(
     if resume:
         start = load_checkpoint(checkpoint, unet, optimizer, config, lr_scheduler, loss_scale)
 
+    accumulation = config.gradient_accumulation_steps
+
     def micro_batch_loss(step: int, micro: int) -> Tensor:
         draw = (step * accumulation + micro) * accelerator.num_processes + accelerator.process_index
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + draw)
@@ -735,8 +762,8 @@ def train(
                 model, latents, text, pipe.scheduler, generator, config.snr_gamma
             )
 
-    accumulation = config.gradient_accumulation_steps
-    losses, saved = [], start if resume else None
+    losses: list[Tensor] = []  # each step's loss, on the device: handed to Python at the end
+    saved = start if resume else None
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     bar = tqdm(
         range(start, end),
@@ -755,13 +782,15 @@ def train(
                         accelerator, optimizer, lr_scheduler, scaler, params, config.max_grad_norm
                     )
             micro_losses.append(loss.detach())
-        loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
-        if not math.isfinite(loss):
+        loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean")
+        if not torch.isfinite(loss):  # the one host-device sync of every step (docstring)
             accelerator.wait_for_everyone()
-            raise FloatingPointError(_diverged(step + 1, loss, checkpoint, saved))
+            raise FloatingPointError(_diverged(step + 1, float(loss), checkpoint, saved))
         losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
+        if done % LOG_EVERY == 0 or done == end:  # the bar: the mean of the last LOG_EVERY
+            recent = float(torch.stack(losses[-LOG_EVERY:]).mean())
+            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == end):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -776,7 +805,7 @@ def train(
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     cast_training_params(unet, dtype=dtype)  # one dtype for the whole pipeline, for sampling
-    return losses
+    return torch.stack(losses).tolist() if losses else []  # to Python once
 
 
 def export_adapter(pipe, folder: Path | str, *, dtype: torch.dtype | None = None) -> list[Path]:
@@ -875,55 +904,3 @@ def eta_sweep(
     finally:
         set_strength(pipe.unet, 1.0, name)
     return results
-
-
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's byte-pair merging of one word: repeatedly join the lowest-ranked adjacent pair."""
-    parts = [*word[:-1], word[-1] + "</w>"]
-    while len(parts) > 1:
-        rank, i = min(
-            (ranks.get((parts[i], parts[i + 1]), math.inf), i) for i in range(len(parts) - 1)
-        )
-        if rank == math.inf:
-            break
-        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
-    return parts
-
-
-def write_tiny_clip_vocabulary(words: Sequence[str], folder: Path | str) -> Path:
-    """vocab.json and merges.txt for a CLIPTokenizer that knows exactly `words`, one token each.
-
-    The tiny text-to-image model of chapter 07 uses SD1.5's classes, CLIPTokenizer included; its
-    vocabulary only needs the words of its captions. Merges are added until every word is a single
-    token (a later word can reuse, or be broken by, an earlier word's merges, so this iterates).
-    """
-    words = sorted({w.lower() for w in words})
-    if not words or not all(w.isalpha() and w.isascii() for w in words):
-        raise ValueError(
-            f"words must be a non-empty list of ASCII letters-only words, got {words!r}"
-        )
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    changed = True
-    while changed:
-        changed = False
-        for word in words:
-            parts = _bpe(word, ranks)
-            if len(parts) > 1:
-                ranks[(parts[0], parts[1])] = len(merges)
-                merges.append((parts[0], parts[1]))
-                changed = True
-    vocab: dict[str, int] = {}
-    for char in sorted({c for w in words for c in w}):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder

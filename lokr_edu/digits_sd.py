@@ -27,16 +27,17 @@ and rotated by 90°), reads what the model drew.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from lokr_edu.diffusion import write_tiny_clip_vocabulary
 
 __all__ = [
     "TINY_MODEL",
@@ -48,6 +49,7 @@ __all__ = [
     "build_pipeline",
     "pretrain",
     "DigitReader",
+    "write_tiny_clip_vocabulary",
     "main",
 ]
 
@@ -56,6 +58,59 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 CONCEPT_WORD = "rotated"  # in the vocabulary from the start, never in a pretraining caption
 CAPTION_WORDS = ("a", "handwritten", "digit", *DIGIT_WORDS, CONCEPT_WORD)
 MAX_TOKENS = 8  # <start> a rotated handwritten digit three <end> <pad>
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merging of one word: repeatedly join the lowest-ranked adjacent pair."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        rank, i = min(
+            (ranks.get((parts[i], parts[i + 1]), math.inf), i) for i in range(len(parts) - 1)
+        )
+        if rank == math.inf:
+            break
+        parts = [*parts[:i], parts[i] + parts[i + 1], *parts[i + 2 :]]
+    return parts
+
+
+def write_tiny_clip_vocabulary(words: Sequence[str], folder: Path | str) -> Path:
+    """vocab.json and merges.txt for a CLIPTokenizer that knows exactly `words`, one token each.
+
+    The tiny text-to-image model of chapter 07 uses SD1.5's classes, CLIPTokenizer included; its
+    vocabulary only needs the words of its captions. Merges are added until every word is a single
+    token (a later word can reuse, or be broken by, an earlier word's merges, so this iterates).
+    `lokr_edu.sd15.stand_in_tokenizer` writes its vocabulary with it too. Defined in chapter 07.
+    """
+    words = sorted({w.lower() for w in words})
+    if not words or not all(w.isalpha() and w.isascii() for w in words):
+        raise ValueError(
+            f"words must be a non-empty list of ASCII letters-only words, got {words!r}"
+        )
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for word in words:
+            parts = _bpe(word, ranks)
+            if len(parts) > 1:
+                ranks[(parts[0], parts[1])] = len(merges)
+                merges.append((parts[0], parts[1]))
+                changed = True
+    vocab: dict[str, int] = {}
+    for char in sorted({c for w in words for c in w}):
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
 
 
 def caption(digit: int, rotated: bool = False) -> str:

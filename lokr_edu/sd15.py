@@ -342,7 +342,7 @@ def stand_in_tokenizer(model_max_length: int = 77):
 
     from transformers import CLIPTokenizer
 
-    from lokr_edu.diffusion import write_tiny_clip_vocabulary
+    from lokr_edu.digits_sd import write_tiny_clip_vocabulary
 
     with tempfile.TemporaryDirectory() as folder:
         write_tiny_clip_vocabulary(STAND_IN_WORDS, folder)

@@ -8,7 +8,14 @@ import torch
 
 from lokr_edu import inject
 from lokr_edu.diffusion import eta_sweep, generate, load_pipeline
-from lokr_edu.digits_sd import TINY_MODEL, DigitReader, caption, digit_images, pretrain
+from lokr_edu.digits_sd import (
+    TINY_MODEL,
+    DigitReader,
+    caption,
+    digit_images,
+    pretrain,
+    write_tiny_clip_vocabulary,
+)
 from lokr_edu.repro import quiet_libraries
 
 quiet_libraries()
@@ -61,3 +68,21 @@ def test_generate_refuses_a_prompt_longer_than_the_tokenizer_allows() -> None:
         generate(pipe, ["a handwritten digit three three three three three"], steps=2)
     with pytest.raises(ValueError, match="at least one prompt"):
         generate(pipe, [], steps=2)
+
+
+def test_tiny_clip_vocabulary_makes_every_caption_word_one_token(tmp_path) -> None:
+    from transformers import CLIPTokenizer
+
+    words = (
+        "a handwritten digit zero one two three four five six seven eight nine in thin bold".split()
+    )
+    folder = write_tiny_clip_vocabulary(words, tmp_path)
+    tokenizer = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8
+    )
+    for word in words:
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+    ids = tokenizer("a handwritten digit three", padding="max_length", max_length=8).input_ids
+    assert len(ids) == 8 and tokenizer.decode(ids[1:5]) == "a handwritten digit three"
+    with pytest.raises(ValueError, match="ASCII letters-only words"):
+        write_tiny_clip_vocabulary(["digit-3"], tmp_path)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from tiny_sd import tiny_pipeline
 
-from lokr_edu.diffusion import load_pipeline, tokenize_captions, write_tiny_clip_vocabulary
+from lokr_edu.diffusion import load_pipeline, tokenize_captions
+from lokr_edu.digits_sd import write_tiny_clip_vocabulary
 from lokr_edu.io import load_adapter, read_safetensors
 from lokr_edu.train import main
 
