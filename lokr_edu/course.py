@@ -6,6 +6,11 @@
 
 `execute --inplace` is how an author commits outputs: a clean top-to-bottom run in a fresh kernel
 of the current environment, then metadata trimmed to kernel + language, so diffs show content.
+
+The course tooling (this module, `lokr_edu.exercises`, `lokr_edu.syllabus`, `lokr_edu.grade`)
+works on the files of a checkout of the lokr-edu repository: notebooks/, solutions/, exercises/.
+It finds them through one function, `repository_root()`, which says so clearly when lokr_edu was
+installed as a plain package, without the repository around it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import nbformat
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets.config import Config
 
-REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent  # lokr_edu/; the repository root is its parent
+CHECKOUT_MARKERS = ("pyproject.toml", "notebooks", "solutions", "exercises")
 KERNEL_METADATA = {
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
@@ -30,7 +36,40 @@ KERNEL_METADATA = {
 ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # in tracebacks from the kernel
 MAX_SOCKET_PREFIX = 96  # + "-<n>": under the 104 bytes of a macOS Unix socket path (108 Linux)
 
-__all__ = ["clean_metadata", "execute_notebook", "kernel_config", "lectures", "main"]
+__all__ = [
+    "NotACheckoutError",
+    "repository_root",
+    "clean_metadata",
+    "execute_notebook",
+    "kernel_config",
+    "lectures",
+    "main",
+]
+
+
+class NotACheckoutError(RuntimeError):
+    """lokr_edu runs outside a checkout of the repository, so the course's files are not there."""
+
+
+def repository_root(package: Path | None = None) -> Path:
+    """The checkout of the lokr-edu repository that lokr_edu was imported from.
+
+    That is the folder above the package (`package`, default lokr_edu/ itself) when it holds the
+    repository's pyproject.toml, notebooks/, solutions/ and exercises/: a clone, installed with
+    `make install` (`pip install -e .`), or run from the clone. A plain `pip install` puts
+    lokr_edu alone into site-packages, where there are no notebooks to run, build or grade: that
+    is a NotACheckoutError saying what to do instead.
+    """
+    root = (package or PACKAGE).parent
+    missing = [name for name in CHECKOUT_MARKERS if not (root / name).exists()]
+    if missing:
+        raise NotACheckoutError(
+            f"the course tooling needs a checkout of the lokr-edu repository, but lokr_edu was "
+            f"imported from {root / (package or PACKAGE).name}, and {root} has no "
+            f"{', '.join(missing)} (lokr_edu was installed as a package). Clone the repository, "
+            "run `make install` in the clone (an editable install), and run this there."
+        )
+    return root
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -87,7 +126,7 @@ def execute_notebook(path: Path, timeout: int = 600) -> tuple[nbformat.NotebookN
 
 def lectures() -> list[Path]:
     """notebooks/NN_*.ipynb of this checkout, in course order."""
-    return sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    return sorted((repository_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 def run_course(paths: list[Path], out: Path) -> int:
@@ -131,14 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute lectures into build/ with HTML renderings")
     run.add_argument("paths", nargs="*", type=Path)
-    run.add_argument("--out", type=Path, default=REPO / "build")
+    run.add_argument("--out", type=Path, help="default: build/ of this checkout")
     execute = commands.add_parser("execute", help="execute notebooks and save them in place")
     execute.add_argument("paths", nargs="+", type=Path)
     execute.add_argument("--inplace", action="store_true", required=True)
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        return run_course(args.paths or lectures(), args.out)
+        try:
+            out = args.out or repository_root() / "build"
+            paths = args.paths or lectures()
+        except NotACheckoutError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
+        return run_course(paths, out)
     for path in args.paths:
         nb, seconds = execute_notebook(path)
         nbformat.write(nb, path)

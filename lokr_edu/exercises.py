@@ -21,11 +21,8 @@ from pathlib import Path
 
 import nbformat
 
-from lokr_edu.course import clean_metadata
+from lokr_edu.course import NotACheckoutError, clean_metadata, repository_root
 
-REPO = Path(__file__).resolve().parent.parent
-SOLUTIONS = REPO / "solutions"
-EXERCISES = REPO / "exercises"
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 TITLE = re.compile(r"^# (Exercise \d+\.\d+): (.+)$")
 KINDS = ("implement", "predict", "derive", "explore", "debug")
@@ -57,10 +54,11 @@ def exercise_kinds(solution: Path) -> dict[str, str]:
 
 
 def exercise_path(solution: Path) -> Path:
-    """solutions/01_x_solutions.ipynb -> exercises/01_x_exercises.ipynb"""
+    """solutions/01_x_solutions.ipynb -> exercises/01_x_exercises.ipynb (of this checkout)"""
     if not solution.stem.endswith("_solutions"):
         raise ValueError(f"solution notebooks end in _solutions.ipynb, got {solution.name}")
-    return EXERCISES / f"{solution.stem.removesuffix('_solutions')}_exercises.ipynb"
+    name = f"{solution.stem.removesuffix('_solutions')}_exercises.ipynb"
+    return repository_root() / "exercises" / name
 
 
 def exercise_title(source: str) -> str | None:
@@ -120,7 +118,7 @@ def _expected() -> dict[Path, str]:
     return {
         exercise_path(path): nbformat.writes(build_notebook(nbformat.read(path, as_version=4)))
         + "\n"
-        for path in sorted(SOLUTIONS.glob("*_solutions.ipynb"))
+        for path in sorted((repository_root() / "solutions").glob("*_solutions.ipynb"))
     }
 
 
@@ -132,22 +130,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["build", "check"])
     args = parser.parse_args(argv)
+    try:
+        root = repository_root()
+    except NotACheckoutError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     expected = _expected()
     if args.command == "build":
-        EXERCISES.mkdir(exist_ok=True)
+        (root / "exercises").mkdir(exist_ok=True)
         for path, text in expected.items():
             path.write_text(text, encoding="utf-8")
-            print(f"wrote {path.relative_to(REPO)}")
+            print(f"wrote {path.relative_to(root)}")
         return 0
     stale = [p for p, text in expected.items() if not p.exists() or p.read_text("utf-8") != text]
-    extra = sorted(set(EXERCISES.glob("*.ipynb")) - set(expected))
+    extra = sorted(set((root / "exercises").glob("*.ipynb")) - set(expected))
     for path in stale:
         print(
-            f"{path.relative_to(REPO)} differs from its solution: "
+            f"{path.relative_to(root)} differs from its solution: "
             "run python -m lokr_edu.exercises build"
         )
     for path in extra:
-        print(f"{path.relative_to(REPO)} has no solution notebook")
+        print(f"{path.relative_to(root)} has no solution notebook")
     return 1 if stale or extra else 0
 
 

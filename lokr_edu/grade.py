@@ -48,10 +48,8 @@ from pathlib import Path
 
 import nbformat
 
-from lokr_edu.course import KERNEL_METADATA
+from lokr_edu.course import KERNEL_METADATA, NotACheckoutError, repository_root
 
-REPO = Path(__file__).resolve().parent.parent
-EXERCISES = REPO / "exercises"
 MAX_BYTES = 20 * 1024 * 1024
 FIELDS = ["student", "exercise", "kind", "passed", "message"]
 KINDS = ("pass", "wrong", "blank", "error", "timeout", "missing", "not-run")
@@ -163,13 +161,16 @@ def _defined_names(source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def load_chapters(folder: Path = EXERCISES) -> dict[str, Chapter]:
-    """The course's exercise notebooks (built from solutions/), keyed by chapter: {'01': ...}."""
+def load_chapters(folder: Path | None = None) -> dict[str, Chapter]:
+    """The course's exercise notebooks (built from solutions/), keyed by chapter: {'01': ...}.
+
+    folder: default exercises/ of this checkout (`lokr_edu.course.repository_root`)."""
     from lokr_edu import checks
     from lokr_edu.exercises import TITLE
 
+    folder = Path(folder) if folder is not None else repository_root() / "exercises"
     chapters = {}
-    for path in sorted(Path(folder).glob("[0-9][0-9]_*_exercises.ipynb")):
+    for path in sorted(folder.glob("[0-9][0-9]_*_exercises.ipynb")):
         nb = nbformat.read(path, as_version=4)
         number = path.name[:2]
         heading = next(
@@ -649,11 +650,12 @@ def grade(
     *,
     chapter: str | None = None,
     timeout: int = 60,
-    exercises: Path = EXERCISES,
+    exercises: Path | None = None,
     skip: Path | None = None,
     progress: bool = False,
 ) -> list[Report]:
-    """Grade every submission under `paths`; one Report per file, in order."""
+    """Grade every submission under `paths`; one Report per file, in order. exercises: the
+    course's exercise notebooks (default exercises/ of this checkout)."""
     chapters = load_chapters(exercises)
     if chapter is not None:
         chapter = chapter.zfill(2)
@@ -726,7 +728,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exercises",
         type=Path,
-        default=EXERCISES,
         help="the course's exercise notebooks (default: exercises/ of this checkout)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -742,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    except NotACheckoutError as error:
+        parser.error(f"{error} Or pass --exercises FOLDER, the exercises/ of a checkout.")
     if not reports:
         print("no submissions found", file=sys.stderr)
         return 1

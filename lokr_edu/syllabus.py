@@ -98,12 +98,12 @@ def _kind_counts(chapter: Chapter) -> str:
     """ "(8: 5 implement, 1 predict, ...)": the chapter's exercises by kind, read off the headings
     of its solutions notebook (`lokr_edu.exercises.exercise_kinds`)."""
     from collections import Counter
-    from pathlib import Path
 
+    from lokr_edu.course import repository_root
     from lokr_edu.exercises import KINDS, exercise_kinds
 
     solution = chapter.exercises.replace("exercises", "solutions")
-    kinds = Counter(exercise_kinds(Path(__file__).resolve().parent.parent / solution).values())
+    kinds = Counter(exercise_kinds(repository_root() / solution).values())
     parts = ", ".join(f"{kinds[k]} {k}" for k in KINDS if kinds[k])
     return f"({sum(kinds.values())}: {parts})"
 

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from lokr_edu import course
 
@@ -84,3 +85,38 @@ def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, 
         f"2/5 chapters ran; HTML in {tmp_path / 'html'}",
         "first to break: 02_error.ipynb",
     ]
+
+
+def test_the_repository_root_is_this_checkout_and_a_plain_install_is_told_so(tmp_path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    assert course.repository_root() == root
+    with pytest.raises(course.NotACheckoutError, match="needs a checkout of the lokr-edu") as e:
+        course.repository_root(tmp_path / "site-packages" / "lokr_edu")
+    message = str(e.value)
+    assert "has no pyproject.toml, notebooks, solutions, exercises" in message
+    assert "make install" in message
+
+
+def test_the_course_tooling_outside_a_checkout_fails_with_that_message(tmp_path) -> None:
+    """lokr_edu copied alone into a site-packages folder, as a plain pip install leaves it: the
+    package imports, and each tool says it needs a checkout instead of failing on a missing file
+    (or, worse, finding no notebooks and reporting success)."""
+    site = tmp_path / "site-packages"
+    source = Path(course.__file__).parent
+    shutil.copytree(source, site / "lokr_edu", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    env = os.environ | {"PYTHONPATH": str(site)}
+    commands = {
+        "course": ["-m", "lokr_edu.course", "run"],
+        "exercises": ["-m", "lokr_edu.exercises", "check"],
+        "grade": ["-m", "lokr_edu.grade", str(tmp_path)],
+        "syllabus": ["-c", "import lokr_edu.syllabus as s; s.markdown_table()"],
+    }
+    for name, command in commands.items():
+        done = subprocess.run(
+            [sys.executable, *command], capture_output=True, text=True, cwd=tmp_path, env=env
+        )
+        assert done.returncode != 0, name
+        assert "needs a checkout of the lokr-edu repository" in done.stderr, (name, done.stderr)
+        assert str(site / "lokr_edu") in done.stderr, name
+        if name != "syllabus":  # a library call raises; the commands say it in one message
+            assert "Traceback" not in done.stderr, (name, done.stderr)

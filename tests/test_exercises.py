@@ -9,9 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from lokr_edu.course import repository_root
 from lokr_edu.exercises import (
-    EXERCISES,
-    SOLUTIONS,
     TITLE,
     build_notebook,
     exercise_kinds,
@@ -21,6 +20,7 @@ from lokr_edu.exercises import (
     stub_cell_source,
 )
 
+EXERCISES, SOLUTIONS = repository_root() / "exercises", repository_root() / "solutions"
 SOLUTION_NOTEBOOKS = sorted(SOLUTIONS.glob("*_solutions.ipynb"))
 
 EXERCISE_CELL = '''# Exercise 9.1: add two numbers

@@ -17,7 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lokr_edu.exercises import EXERCISES, SOLUTIONS, exercise_kinds
+from lokr_edu.course import repository_root
+from lokr_edu.exercises import exercise_kinds
 from lokr_edu.grade import (
     _has_check_line,
     identify_chapter,
@@ -27,6 +28,7 @@ from lokr_edu.grade import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+EXERCISES, SOLUTIONS = repository_root() / "exercises", repository_root() / "solutions"
 CH01 = "01_kronecker_product"
 TIMEOUT = 15  # seconds per cell: the setup cell imports torch; the infinite loop costs this much
 
