@@ -61,6 +61,7 @@ from lokr_edu.adapters import (
     make_adapter,
     tensor_key,
 )
+from lokr_edu.lowrank import layout_shapes
 from lokr_edu.sd15 import COMPONENTS, kohya_key
 
 __all__ = [
@@ -497,47 +498,33 @@ def _expected_shapes(
     rank: int,
 ) -> dict[str, tuple[int, ...]]:
     """The shape each stored tensor must have to adapt a layer whose weight is `weight_shape`,
-    in the layout the file chose (for LoKr: which factors are full, and W1's shape (a, b))."""
-    m, n, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
-    kk = 1
-    for k in kernel:
-        kk *= k
-    if method == "lora":
-        return {
-            "lora_down.weight": (rank, n, *kernel),
-            "lora_up.weight": (m, rank, *(1,) * len(kernel)),
-        }
-    if method == "loha":
-        return {
-            "hada_w1_a": (m, rank),
-            "hada_w1_b": (rank, n * kk),
-            "hada_w2_a": (m, rank),
-            "hada_w2_b": (rank, n * kk),
-        }
-    shapes: dict[str, tuple[int, ...]] = {}
+    in the layout the file chose (for LoKr: W1's shape (a, b) and which factors are full), from
+    `lowrank.layout_shapes`, the one table of layouts."""
+    if method != "lokr":
+        return layout_shapes(method, weight_shape, rank)
+    m, n = weight_shape[0], weight_shape[1]
     w1_key = "lokr_w1" if "lokr_w1" in group else "lokr_w1_a"
     if "lokr_w1" in group and group["lokr_w1"].dim() == 2:
         a, b = group["lokr_w1"].shape
-        shapes["lokr_w1"] = (a, b)
-    elif "lokr_w1" in group:  # the shape check below reports it
+    elif "lokr_w1" in group:  # the shape check reports it
         a, b = m, n
-        shapes["lokr_w1"] = (a, b)
     else:
         w1a, w1b = group.get("lokr_w1_a"), group.get("lokr_w1_b")
         a = w1a.shape[0] if w1a is not None and w1a.dim() == 2 else m
         b = w1b.shape[1] if w1b is not None and w1b.dim() == 2 else n
-        shapes |= {"lokr_w1_a": (a, rank), "lokr_w1_b": (rank, b)}
-    c, d = m // a, n // b  # W1 ⊗ W2 is (a·c, b·d): a must divide m and b divide n
-    if m % a or n % b:
+    if m % a or n % b:  # W1 ⊗ W2 is (a·c, b·d): a must divide m and b divide n
         raise ValueError(
             f"key {layer_key}.{w1_key}: W1 is ({a}, {b}), which does not divide layer weight "
             f"{weight_shape}: a = {a} must divide m = {m} and b = {b} must divide n = {n}"
         )
-    if "lokr_w2" in group:
-        shapes["lokr_w2"] = (c, d, *kernel)
-    else:
-        shapes |= {"lokr_w2_a": (c, rank), "lokr_w2_b": (rank, d * kk)}
-    return shapes
+    return layout_shapes(
+        "lokr",
+        weight_shape,
+        rank,
+        w1=(a, b),
+        w1_low_rank="lokr_w1" not in group,
+        w2_low_rank="lokr_w2" not in group,
+    )
 
 
 def _plan(

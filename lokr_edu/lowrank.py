@@ -12,7 +12,8 @@ computes, number for number, what `lycoris` computes, and `peft` too except wher
 `tests/test_lowrank.py` shows the two libraries differ. The scale rule, as kohya and LyCORIS read
 a file: alpha None (or a stored alpha of 0) means alpha = r, i.e. scale 1.
 
-The second half counts: the tensors an adapter stores for one layer (`adapter_shapes`), how many
+The second half counts: the tensors an adapter stores for one layer (`adapter_shapes`, from the
+one table of layouts `layout_shapes`), how many
 trainable numbers that is (`count_params`), and the bytes of a `.safetensors` file
 (`file_size_bytes`, `safetensors_size_bytes`).
 """
@@ -214,6 +215,50 @@ def lokr_factors(
     return (a, b), (c, d)
 
 
+def layout_shapes(
+    method: str,
+    weight_shape: Sequence[int],
+    rank: int,
+    *,
+    w1: tuple[int, int] | None = None,
+    w1_low_rank: bool = False,
+    w2_low_rank: bool = True,
+) -> dict[str, tuple[int, ...]]:
+    """The shape of each factor `method` stores for a layer whose weight is `weight_shape`, (m, n)
+    or (m, n, kh, kw), at rank r, once the layout is chosen (no "alpha"):
+
+    - lora: "lora_down.weight" (r, n, kh, kw), "lora_up.weight" (m, r, 1, 1);
+    - loha: "hada_w{1,2}_a" (m, r), "hada_w{1,2}_b" (r, n·kh·kw);
+    - lokr: W1 is w1 = (a, b), W2 is (c, d) = (m/a, n/b); W1 is "lokr_w1" (a, b), or with
+      w1_low_rank "lokr_w1_a" (a, r) and "lokr_w1_b" (r, b); W2 with w2_low_rank is "lokr_w2_a"
+      (c, r) and "lokr_w2_b" (r, d·kh·kw), else "lokr_w2" (c, d, kh, kw).
+
+    The one table of the layouts: `adapter_shapes` chooses a layout by LyCORIS's rules,
+    `lokr_edu.io` reads one off a file, and both take the shapes from here. Nothing is checked
+    (each caller checks what it was given). Defined in chapter 03 (03_loha_and_lokr.ipynb).
+    """
+    m, n, k = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+    kk = math.prod(k)
+    if method == "lora":
+        return {"lora_down.weight": (rank, n, *k), "lora_up.weight": (m, rank, *(1,) * len(k))}
+    if method == "loha":
+        return {
+            "hada_w1_a": (m, rank),
+            "hada_w1_b": (rank, n * kk),
+            "hada_w2_a": (m, rank),
+            "hada_w2_b": (rank, n * kk),
+        }
+    if method != "lokr" or w1 is None:
+        raise ValueError(f"layout_shapes: method lora, loha or lokr (with w1), got {method!r}")
+    (a, b), c, d = w1, m // w1[0], n // w1[1]
+    shapes = (
+        {"lokr_w1_a": (a, rank), "lokr_w1_b": (rank, b)} if w1_low_rank else {"lokr_w1": (a, b)}
+    )
+    if w2_low_rank:
+        return shapes | {"lokr_w2_a": (c, rank), "lokr_w2_b": (rank, d * kk)}
+    return shapes | {"lokr_w2": (c, d, *k)}
+
+
 def adapter_shapes(
     method: str,
     out_features: int,
@@ -248,35 +293,22 @@ def adapter_shapes(
     if method == "full":
         return {"diff": (m, n, *k)}
     r = require_int("rank", rank)
-    if method == "lora":
-        if r > min(m, n * kk):
-            raise ValueError(f"rank = {r} exceeds min(out, in·kh·kw) = {min(m, n * kk)}")
-        ones = (1,) * len(k)
-        return {"lora_down.weight": (r, n, *k), "lora_up.weight": (m, r, *ones), "alpha": ()}
-    if method == "loha":
-        return {
-            "hada_w1_a": (m, r),
-            "hada_w1_b": (r, n * kk),
-            "hada_w2_a": (m, r),
-            "hada_w2_b": (r, n * kk),
-            "alpha": (),
-        }
+    if method == "lora" and r > min(m, n * kk):
+        raise ValueError(f"rank = {r} exceeds min(out, in·kh·kw) = {min(m, n * kk)}")
+    if method in ("lora", "loha"):
+        return layout_shapes(method, (m, n, *k), r) | {"alpha": ()}
     (a, b), (c, d) = lokr_factors(m, n, factor)
     if method == "lokr_writeup":
         if k:
             raise ValueError("kernel_size: the write-up's LoKr is defined for matrices only")
         return {"A": (a, r), "B": (b, r), "C": (c, r), "D": (d, r)}
-    shapes: dict[str, tuple[int, ...]] = {}
-    if decompose_both and not full_matrix and r < max(a, b) / 2:
-        shapes |= {"lokr_w1_a": (a, r), "lokr_w1_b": (r, b)}
-    else:
-        shapes["lokr_w1"] = (a, b)
-    if full_matrix or r >= max(c, d) / 2:  # LyCORIS: "lora_dim too large ... full matrix mode"
-        shapes["lokr_w2"] = (c, d, *k)
-    else:
-        shapes |= {"lokr_w2_a": (c, r), "lokr_w2_b": (r, d * kk)}
-    shapes["alpha"] = ()
-    return shapes
+    # LyCORIS: "lora_dim too large ... full matrix mode" when r ≥ half the factor's larger side
+    w1_low_rank = decompose_both and not full_matrix and r < max(a, b) / 2
+    w2_low_rank = not full_matrix and r < max(c, d) / 2
+    shapes = layout_shapes(
+        "lokr", (m, n, *k), r, w1=(a, b), w1_low_rank=w1_low_rank, w2_low_rank=w2_low_rank
+    )
+    return shapes | {"alpha": ()}
 
 
 def count_params(

@@ -562,3 +562,34 @@ def test_bad_arguments(tmp_path, call, message) -> None:
         call(model, tmp_path / "a.safetensors")
     assert_unchanged(before, model)
     assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "method, weight, rank, layout",
+    [
+        ("lora", (13, 200), 4, {}),
+        ("lora", (8, 4, 3, 3), 2, {}),
+        ("loha", (8, 8, 1, 1), 3, {}),
+        ("lokr", (64, 48), 2, {}),  # W1 (8, 6) full, W2 (8, 8) of rank 2
+        ("lokr", (64, 48), 1, {"factor": 4, "decompose_both": True}),  # both low rank
+        ("lokr", (320, 320), 4, {"decompose_both": True}),  # both low rank
+        ("lokr", (320, 320), 10, {"decompose_both": True}),  # r ≥ 20/2: both full
+        ("lokr", (64, 48), 2, {"full_matrix": True}),
+        ("lokr", (32, 16, 3, 3), 2, {"factor": 2}),
+        ("lokr", (32, 16, 3, 3), 8, {}),  # W2 full, with the kernel
+    ],
+)
+def test_a_file_s_layout_is_read_back_through_the_one_table_of_layouts(
+    method, weight, rank, layout
+) -> None:
+    """What lowrank.adapter_shapes lays out (LyCORIS's rules), load_adapter's check reads back
+    from the tensors alone, to the same shapes: both come from lowrank.layout_shapes."""
+    from lokr_edu.lowrank import adapter_shapes
+
+    kernel = weight[2:] or None
+    written = adapter_shapes(method, weight[0], weight[1], rank, kernel_size=kernel, **layout)
+    group = {key: torch.zeros(shape) for key, shape in written.items()}
+    group["alpha"] = torch.tensor(float(rank))
+    read = io._expected_shapes("layer", method, weight, group, io._rank(method, group))
+    assert read == {k: v for k, v in written.items() if k != "alpha"}
+    assert list(read) == [k for k in written if k != "alpha"]  # the same order of parameters

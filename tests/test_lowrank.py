@@ -23,6 +23,7 @@ from lokr_edu.lowrank import (
     adapter_shapes,
     count_params,
     file_size_bytes,
+    layout_shapes,
     loha_delta,
     lokr_delta,
     lokr_delta_writeup,
@@ -421,3 +422,26 @@ def test_lokr_factors_match_lycoris_on_sd15_dims(factor: int) -> None:
         assert (a, c) == lycoris_factorization(m, factor)
         assert (b, d) == lycoris_factorization(n, factor)
         assert a * c == m and b * d == n
+
+
+@pytest.mark.parametrize("w1_low_rank", [False, True])
+@pytest.mark.parametrize("w2_low_rank", [False, True])
+def test_every_lokr_layout_multiplies_out_to_the_layer_s_delta_w(w1_low_rank, w2_low_rank):
+    """layout_shapes, the one table of layouts, against the products themselves: factors of
+    those shapes give, through lokr_delta (torch.kron), a ΔW of the layer's shape (m, n), with
+    W1 of the shape asked for; LoRA's and LoHa's give (m, n) through their own products."""
+    m, n, rank = 24, 20, 3
+    shapes = layout_shapes(
+        "lokr", (m, n), rank, w1=(4, 5), w1_low_rank=w1_low_rank, w2_low_rank=w2_low_rank
+    )
+    names = {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b"}
+    names |= {"lokr_w2": "w2", "lokr_w2_a": "w2a", "lokr_w2_b": "w2b"}
+    factors = {names[k]: torch.randn(shape, generator=g(1)) for k, shape in shapes.items()}
+    assert lokr_delta(**factors).shape == (m, n)
+    w1 = factors["w1"] if "w1" in factors else factors["w1a"] @ factors["w1b"]
+    assert w1.shape == (4, 5)
+    lora = layout_shapes("lora", (m, n), rank)
+    down, up = (torch.randn(shape, generator=g(2)) for shape in lora.values())
+    assert lora_delta(down, up).shape == (m, n)
+    loha = [torch.randn(s, generator=g(3)) for s in layout_shapes("loha", (m, n), rank).values()]
+    assert loha_delta(*loha).shape == (m, n)
