@@ -8,7 +8,8 @@ nn.Linear: forward, backward with the input requiring grad (as inside a network)
 variants, all at rank 8, α = 8, LyCORIS's default layout (factor = -1, W1 full, W2 low-rank unless
 r ≥ max(c, d)/2) and the same factor values:
 
-    base                  the frozen layer alone (every adapter adds to this floor)
+    base                  the frozen layer's own step: forward and the input's gradient only
+                          (no parameter trains): the floor every adapter adds to
     lokr_edu reshape      LoKr applied as W1·X·W2ᵀ, never building W1 ⊗ W2 (lokr_edu.kron_apply)
     lokr_edu materialize  lokr_edu's LoKr forced to build ΔW = W1 ⊗ W2 and multiply by it
     lokr_edu auto         lokr_edu's default: a fixed rule (kron_apply.auto_mode) picks one
@@ -19,7 +20,10 @@ r ≥ max(c, d)/2) and the same factor values:
 
 Time: torch.set_num_threads(2); per shape and token count, one warm-up step of every variant,
 then 5 rounds in which every variant takes one step (the order rotates between rounds, so load
-from elsewhere on the machine hits all variants alike); the median of the 5 is reported.
+from elsewhere on the machine hits all variants alike); the median of the 5 is reported, with
+the fastest (min) and the interquartile range (IQR, q3 − q1) beside it. The noise floor is an A/A
+pair: "lokr_edu auto" runs exactly the code of the forced mode it picks, so the two differ only
+by noise; the run prints how far apart they are (`noise_floor`). It prints its own run time.
 Memory: the warm-up step runs under torch.profiler(profile_memory=True), which records every
 allocation and free of torch's CPU allocator during the step; the peak of the running sum is
 the step's peak memory above what was allocated when it started (input, weights, optimizer
@@ -198,8 +202,18 @@ def variant_label(out_features: int, in_features: int) -> str:
     return f"W1 {a}×{b} full, W2 {c}×{d} {w2}"
 
 
+def spread(times: list[float]) -> tuple[float, float, float]:
+    """(median, min, interquartile range q3 − q1) of a variant's step times, in seconds."""
+    if len(times) < 2:
+        return times[0], times[0], 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return statistics.median(times), min(times), q3 - q1
+
+
 def run(shapes=SHAPES, tokens=TOKENS, steps: int = STEPS, variants=VARIANTS) -> list[dict]:
-    """Time and measure every variant at every (shape, token count); one row per measurement."""
+    """Time and measure every variant at every (shape, token count); one row per measurement.
+
+    seconds is the median step, min_seconds the fastest, iqr_seconds the interquartile range."""
     rows = []
     for out_features, in_features in shapes:
         values = lokr_values(out_features, in_features)
@@ -223,20 +237,24 @@ def run(shapes=SHAPES, tokens=TOKENS, steps: int = STEPS, variants=VARIANTS) -> 
                     times[v].append(runners[v].timed_step())
             pick = auto_mode(a, b, c, d)  # what lokr_apply(mode="auto") runs
             for v in variants:
+                median, fastest, iqr = spread(times[v])
                 rows.append(
                     {
                         "shape": f"{out_features}×{in_features}",
                         "tokens": n_tokens,
                         "variant": v,
-                        "seconds": statistics.median(times[v]),
+                        "seconds": median,
+                        "min_seconds": fastest,
+                        "iqr_seconds": iqr,
                         "extra_mib": (peak[v] - peak.get("base", 0)) / 2**20,
                         "layout": variant_label(out_features, in_features),
                         "auto": pick,
                     }
                 )
                 say(
-                    f"{rows[-1]['shape']:>10} {n_tokens:>5} {v:<21} "
-                    f"{rows[-1]['seconds'] * 1e3:9.2f} ms {rows[-1]['extra_mib']:8.1f} MiB"
+                    f"{rows[-1]['shape']:>10} {n_tokens:>5} {v:<21} {median * 1e3:9.2f} ms "
+                    f"(min {fastest * 1e3:.2f}, IQR {iqr * 1e3:.2f}) "
+                    f"{rows[-1]['extra_mib']:8.1f} MiB"
                 )
     return rows
 
@@ -259,6 +277,29 @@ def machine() -> str:
 
 def _keyed(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
     return {(r["shape"], r["tokens"], r["variant"]): r for r in rows}
+
+
+def noise_floor(rows: list[dict]) -> list[str]:
+    """The A/A pair: "lokr_edu auto" and the forced mode it picks run the same code, so how far
+    apart their medians are (the slower over the faster, − 1) is the run's noise. Two variants
+    that differ by less than this are not told apart by this run."""
+    keyed = _keyed(rows)
+    gaps = []
+    for (shape, tokens, variant), row in keyed.items():
+        twin = keyed.get((shape, tokens, f"lokr_edu {row['auto']}"))
+        if variant == "lokr_edu auto" and twin is not None:
+            slower, faster = sorted((row["seconds"], twin["seconds"]), reverse=True)
+            gaps.append((slower / faster - 1, f"{shape}/{tokens}", row["auto"]))
+    if not gaps:
+        return []
+    gaps.sort()
+    worst = gaps[-1]
+    return [
+        f"- noise floor (A/A: lokr_edu auto against the forced mode it picks, the same code): "
+        f"their medians differ by {statistics.median(g for g, *_ in gaps):.1%} at the median of "
+        f"{len(gaps)} shapes × token counts, by up to {worst[0]:.1%} ({worst[1]}, "
+        f"auto = {worst[2]}); differences below that are noise"
+    ]
 
 
 def checks(rows: list[dict]) -> list[str]:
@@ -310,6 +351,14 @@ def checks(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _ms(row: dict) -> str:
+    """A time cell: the median in ms, the min and the interquartile range beside it."""
+    return (
+        f"{row['seconds'] * 1e3:.1f} (min {row['min_seconds'] * 1e3:.1f}, "
+        f"IQR {row['iqr_seconds'] * 1e3:.1f})"
+    )
+
+
 def write_results(rows: list[dict], seconds_total: float) -> str:
     RESULTS.mkdir(exist_ok=True)
     keyed = _keyed(rows)
@@ -322,12 +371,17 @@ def write_results(rows: list[dict], seconds_total: float) -> str:
         "",
         "One training step (forward + backward with the input requiring grad + Adam) of one "
         "adapted nn.Linear, batch 2, rank 8, α = 8, the same LoKr factor values everywhere. "
-        "Each cell: median of 5 steps in ms, then the ratio to the frozen base layer alone and "
-        "to peft's LoKr. `auto` is the mode lokr_edu's default rule (`auto_mode`) picks.",
+        f"Each cell: the median of {STEPS} steps in ms, with the fastest (min) and the "
+        "interquartile range (IQR) beside it, then the ratio of the medians to the frozen base "
+        "layer's own step and to peft's LoKr. `base` is that frozen step: the layer's forward "
+        "and its input's gradient, no parameter trained; it is the floor. `auto` is the mode "
+        "lokr_edu's default rule (`auto_mode`) picks.",
         "",
         "## Time",
         "",
-        "| shape (out×in) | tokens | LoKr layout | base | " + " | ".join(shown) + " | auto picks |",
+        "| shape (out×in) | tokens | LoKr layout | base (frozen, ∇x only) | "
+        + " | ".join(shown)
+        + " | auto picks |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in shown) + " | --- |",
     ]
     groups = list(dict.fromkeys((r["shape"], r["tokens"]) for r in rows))
@@ -341,12 +395,9 @@ def write_results(rows: list[dict], seconds_total: float) -> str:
                 cells.append("—")
                 continue
             versus_peft = f", {r['seconds'] / peft['seconds']:.2f}× peft" if peft else ""
-            cells.append(
-                f"{r['seconds'] * 1e3:.1f} ({r['seconds'] / base['seconds']:.2f}× base"
-                f"{versus_peft})"
-            )
+            cells.append(f"{_ms(r)} ({r['seconds'] / base['seconds']:.2f}× base{versus_peft})")
         lines.append(
-            f"| {shape} | {tokens} | {base['layout']} | {base['seconds'] * 1e3:.1f} | "
+            f"| {shape} | {tokens} | {base['layout']} | {_ms(base)} | "
             + " | ".join(cells)
             + f" | {base['auto']} |"
         )
@@ -366,10 +417,11 @@ def write_results(rows: list[dict], seconds_total: float) -> str:
             for v in shown
         ]
         lines.append(f"| {shape} | {tokens} | " + " | ".join(cells) + " |")
+    lines += ["", "## Noise floor", "", *noise_floor(rows)]
     lines += ["", "## Targets", "", *checks(rows)]
     text = "\n".join(lines) + "\n"
     (RESULTS / "lokr_cpu.md").write_text(text, encoding="utf-8")
-    log = "\n".join([*LOG, f"Whole run: {seconds_total:.0f} s", *checks(rows)]) + "\n"
+    log = "\n".join([*LOG, *noise_floor(rows), *checks(rows)]) + "\n"
     (RESULTS / "lokr_cpu_run.log").write_text(log, encoding="utf-8")
     return text
 
@@ -425,10 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     say(machine())
     start = time.perf_counter()
     if args.smoke:
-        run([(320, 320)], [77], steps=1)
+        rows = run([(320, 320)], [77], steps=1)
+        for line in noise_floor(rows):
+            say(line)
+        say(f"Whole run: {time.perf_counter() - start:.1f} s")
         return 0
     rows = run(args.shapes, args.tokens)
-    print(write_results(rows, time.perf_counter() - start))
+    for line in noise_floor(rows):
+        say(line)
+    seconds_total = time.perf_counter() - start
+    say(f"Whole run: {seconds_total:.0f} s")
+    print(write_results(rows, seconds_total))
     plot(rows)
     return 0
 
