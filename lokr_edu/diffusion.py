@@ -1,4 +1,4 @@
-"""Fine-tuning a Stable Diffusion pipeline with an adapter: data, loss, training loop, checkpoints.
+"""Fine-tuning a Stable Diffusion pipeline with an adapter: the configuration, the loss, the loop.
 
 Defined in chapter 07. The recipe is that of diffusers' `train_text_to_image_lora.py`:
 
@@ -13,10 +13,15 @@ precision, and on several GPUs with `accelerate launch --multi_gpu -m lokr_edu.t
 
 Every random draw of a micro-batch (which images, which t, which ε) comes from a generator seeded
 with (seed, step, micro-batch, process), so a run that is interrupted and resumed from a
-checkpoint ends with exactly the adapter of a run that was not. Checkpoints are safetensors (the
-adapter, the optimizer's state tensors) with the rest (step, config, LR schedule, fp16 loss
-scale) as JSON metadata: nothing is pickled (which is why `accelerator.save_state`, which
-pickles, is not used).
+checkpoint ends with exactly the adapter of a run that was not.
+
+The rest of chapter 07's code has a module per idea, and every public name of those is
+importable from here too (`from lokr_edu.diffusion import generate` works):
+
+    lokr_edu.sd_data         what training reads: load_pipeline, ImageCaptionFolder,
+                             resize_and_crop, tokenize_captions
+    lokr_edu.sd_checkpoint   save_checkpoint, load_checkpoint (safetensors, nothing pickled)
+    lokr_edu.sd_sampling     generate, default_batch_size, sample_grid, eta_sweep, export_adapter
 """
 
 from __future__ import annotations
@@ -31,14 +36,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lokr_edu.adapters import ADAPTER_METHODS, adapter_layers, inject, set_strength
-from lokr_edu.io import read_safetensors, save_adapter, write_safetensors_atomically
-from lokr_edu.sd15 import MODEL_ID
+from lokr_edu.adapters import ADAPTER_METHODS, adapter_layers, inject
+from lokr_edu.sd_checkpoint import (
+    CHECKPOINT_FILE,
+    _trainable,  # the parameters' order, shared with checkpoints
+    load_checkpoint,
+    save_checkpoint,
+)
+from lokr_edu.sd_data import (
+    IMAGE_SUFFIXES,  # noqa: F401 (still importable from here)
+    ImageCaptionFolder,
+    load_pipeline,
+    resize_and_crop,
+    tokenize_captions,
+)
+from lokr_edu.sd_sampling import (
+    DIFFUSERS_FILE,  # noqa: F401 (still importable from here)
+    KOHYA_FILE,  # noqa: F401 (still importable from here)
+    default_batch_size,
+    eta_sweep,
+    export_adapter,
+    generate,
+    sample_grid,
+)
 
 __all__ = [
     "TrainConfig",
@@ -57,7 +81,6 @@ __all__ = [
     "eta_sweep",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 METHODS = ADAPTER_METHODS  # the methods lokr_edu.adapters implements
 MIXED_PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # diffusers.optimization.SchedulerType, less piecewise_constant (it needs step rules)
@@ -69,9 +92,6 @@ LR_SCHEDULERS = (
     "cosine_with_restarts",
     "polynomial",
 )
-CHECKPOINT_FILE = "checkpoint.safetensors"
-KOHYA_FILE = "adapter.safetensors"  # A1111, ComfyUI, kohya sd-scripts, LyCORIS
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) reads
 LOG_EVERY = 10  # train's progress bar shows the mean loss of the last LOG_EVERY steps
 
 
@@ -189,219 +209,6 @@ class TrainConfig:
         return json.dumps(settings, sort_keys=True)
 
 
-def _looks_like_a_path(model: str) -> bool:
-    """A hub id is "owner/name"; anything else with a path's shape is meant as a folder."""
-    return (
-        model.startswith(("/", "./", "../", "~", "."))
-        or "\\" in model
-        or model.count("/") > 1
-        or model.endswith("/")
-    )
-
-
-def load_pipeline(
-    model: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-):
-    """A StableDiffusionPipeline from a Hugging Face Hub id or a local folder.
-
-    `model` is an id (MODEL_ID, "stable-diffusion-v1-5/stable-diffusion-v1-5", downloaded once
-    into the Hugging Face cache) or a folder written by `pipe.save_pretrained(folder)` (or
-    `hf download ... --local-dir folder`). This is `StableDiffusionPipeline.from_pretrained(model,
-    safety_checker=None, use_safetensors=True)`: safetensors weights only, never a pickle, and no
-    safety checker (fine-tuning does not need it). dtype (torch.float16 for inference on a GPU:
-    the weights are converted as they load) and device (applied after loading). Errors
-    (ValueError, before any training step): a local folder that does not exist, a folder without
-    model_index.json (not a diffusers pipeline), a hub id that cannot be fetched (offline, no
-    network, or not a model id) and is not in the cache.
-    Defined in chapter 07.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    text = str(model)
-    path = Path(text).expanduser()
-    local = isinstance(model, Path) or path.exists() or _looks_like_a_path(text)
-    if local:
-        if not path.exists():
-            raise ValueError(f"model: the folder {path} does not exist")
-        if not path.is_dir():
-            raise ValueError(f"model: {path} is a file; give the pipeline's folder")
-        if not (path / "model_index.json").is_file():
-            raise ValueError(
-                f"model: {path} has no model_index.json, so it is not a diffusers pipeline folder "
-                "(write one with pipe.save_pretrained(folder), or download one with "
-                f"`hf download {MODEL_ID} --local-dir {path}`)"
-            )
-    options: dict[str, object] = {
-        "safety_checker": None,
-        "requires_safety_checker": False,
-        "use_safetensors": True,
-    }
-    if dtype is not None:  # diffusers 0.42 renamed torch_dtype to dtype (and warns on the old one)
-        import diffusers
-        from packaging.version import Version
-
-        renamed = Version(diffusers.__version__) >= Version("0.42")
-        options["dtype" if renamed else "torch_dtype"] = dtype
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path) if local else text, **options)
-    except (OSError, ValueError) as error:  # huggingface_hub's errors are OSError / ValueError
-        reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
-        if local:
-            raise ValueError(f"model: could not load the pipeline in {path}: {reason}") from error
-        raise ValueError(
-            f"model: {text!r} is not a local folder and could not be loaded from the Hugging "
-            f"Face Hub (offline, unreachable, or not a model id): {reason}. Download the weights "
-            f"on a machine with network (`hf download {text} --local-dir FOLDER`) and pass the "
-            "folder instead, or unset HF_HUB_OFFLINE if you are online."
-        ) from error
-    if device is not None:
-        pipe.to(device)
-    return pipe
-
-
-def _short(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def tokenize_captions(tokenizer, captions: Sequence[str]) -> Tensor:
-    """Token ids (len(captions), tokenizer.model_max_length), padded, for the text encoder.
-
-    CLIP reads at most model_max_length tokens (77 for SD1.5: 75 plus the start and end tokens).
-    diffusers' script truncates longer captions silently, so the end of a caption would be
-    trained on without ever being seen; here such a caption is an error that names it.
-    Defined in chapter 07.
-    """
-    captions = list(captions)
-    limit = tokenizer.model_max_length
-    for caption, ids in zip(captions, tokenizer(captions, verbose=False).input_ids, strict=True):
-        if len(ids) > limit:
-            raise ValueError(
-                f"caption {_short(caption)!r} is {len(ids)} tokens long (with the start and end "
-                f"tokens); the tokenizer reads at most {limit}: shorten it"
-            )
-    return tokenizer(
-        captions, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-def resize_and_crop(image, resolution: int, left: float = 0.5, top: float = 0.5):
-    """An image resized so that its shorter side is `resolution`, then cropped to a square.
-
-    torchvision's Resize(resolution) then CenterCrop / RandomCrop(resolution), in PIL: the scale
-    is resolution / min(w, h) (bilinear, the aspect ratio kept: nothing is squashed), then a
-    resolution × resolution window is cut at `left`, `top` ∈ [0, 1] of the room there is
-    (0.5, 0.5: the centre; 0: the left / top edge). Defined in chapter 07.
-    """
-    from PIL import Image
-
-    width, height = image.size
-    scale = resolution / min(width, height)
-    # torchvision: the shorter side becomes exactly `resolution`, the longer int(side · scale)
-    size = (
-        (resolution, int(height * scale)) if width <= height else (int(width * scale), resolution)
-    )
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    x = int(round((size[0] - resolution) * left))
-    y = int(round((size[1] - resolution) * top))
-    return image.crop((x, y, x + resolution, y + resolution))
-
-
-class ImageCaptionFolder(torch.utils.data.Dataset):
-    """Images in a folder, each with a caption in a .txt file of the same name.
-
-    Each image is prepared as diffusers' train_text_to_image_lora.py does (torchvision's Resize,
-    CenterCrop or RandomCrop, RandomHorizontalFlip, Normalize(0.5, 0.5)): its shorter side
-    resized to `resolution` (a multiple of `multiple`, the VAE's downsampling), a square crop
-    (`resize_and_crop`: nothing is squashed), optionally flipped left-right, scaled to [−1, 1].
-    `dataset[i]` crops the centre and never flips. `dataset.draw(i, generator)`, what `train`
-    uses, crops at a random place (unless center_crop, diffusers' --center_crop) and flips with
-    probability ½ (with random_flip, diffusers' --random_flip), drawing from `generator`, so a
-    resumed run draws the same crops as an uninterrupted one.
-    Every file is checked at construction, before any model is loaded: an image PIL cannot
-    decode, a caption file that is missing, empty or not UTF-8 text is a ValueError naming
-    each such file. Defined in chapter 07.
-    """
-
-    def __init__(
-        self,
-        folder: Path | str,
-        resolution: int,
-        multiple: int = 8,
-        *,
-        center_crop: bool = False,
-        random_flip: bool = False,
-    ) -> None:
-        from PIL import Image
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ValueError(f"folder: {folder} is not a directory")
-        if resolution < multiple or resolution % multiple:
-            raise ValueError(
-                f"resolution must be a positive multiple of {multiple} (the VAE downsamples by "
-                f"{multiple}), got {resolution}"
-            )
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise ValueError(f"folder: {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        problems, self.items = [], []
-        for path in images:
-            text = path.with_suffix(".txt")
-            try:
-                with Image.open(path) as image:
-                    image.load()  # decodes it all: a truncated file fails here, not at step 900
-            except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad files
-                problems.append(f"{path}: not a readable image ({type(error).__name__}: {error})")
-            if not text.exists():
-                problems.append(f"{path.name} has no caption ({text.name})")
-                continue
-            try:
-                caption = text.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as error:
-                problems.append(f"{text}: caption not readable as UTF-8 text ({error})")
-                continue
-            if not caption:
-                problems.append(f"{text}: empty caption")
-            self.items.append((path, caption))
-        if problems:
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ValueError(f"folder {folder}: " + "; ".join(problems[:5]) + more)
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-
-    @property
-    def captions(self) -> list[str]:
-        """Every caption, in order, without opening an image."""
-        return [caption for _, caption in self.items]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _pixels(self, index: int, left: float, top: float, flip: bool) -> tuple[Tensor, str]:
-        from PIL import Image
-
-        path, caption = self.items[index]
-        with Image.open(path) as image:
-            image = resize_and_crop(image.convert("RGB"), self.resolution, left, top)
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, 3), 0..255
-        return pixels.permute(2, 0, 1) / 127.5 - 1.0, caption  # (3, H, W), −1..1
-
-    def __getitem__(self, index: int) -> tuple[Tensor, str]:
-        """The image centre-cropped, not flipped, and its caption."""
-        return self._pixels(index, 0.5, 0.5, flip=False)
-
-    def draw(self, index: int, generator: torch.Generator) -> tuple[Tensor, str]:
-        """The image as training sees it: a random crop (or the centre), maybe flipped."""
-        left, top, flip = torch.rand(3, generator=generator).tolist()  # always 3 draws
-        if self.center_crop:
-            left = top = 0.5
-        return self._pixels(index, left, top, flip=self.random_flip and flip < 0.5)
-
-
 def noise_prediction_loss(
     unet: nn.Module,
     latents: Tensor,
@@ -439,97 +246,6 @@ def noise_prediction_loss(
             per_example * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_prediction else snr)
         )
     return per_example.mean() if reduction == "mean" else per_example
-
-
-def _trainable(unet: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-
-
-def save_checkpoint(
-    path: Path,
-    unet: nn.Module,
-    optimizer,
-    config: TrainConfig,
-    step: int,
-    lr_scheduler=None,
-    scaler=None,
-) -> None:
-    """The trained factors and the optimizer's state as tensors; step, config, LR schedule state
-    and the fp16 loss scale (GradScaler) as JSON metadata. Atomic: a crash leaves the old file or
-    the new one.
-
-    Any torch optimizer's state is stored, whatever its keys (Adam's exp_avg, SGD's
-    momentum_buffer, ...): each tensor of `optimizer.state_dict()["state"]` becomes the tensor
-    "optimizer.<parameter name>.<key>", with its shape, and every other value (a number) goes to
-    the JSON metadata "optimizer_values"; the param_groups (hyperparameters) are JSON too. A value
-    that is neither a tensor nor JSON (which would need a pickle) is a TypeError."""
-    trainable = _trainable(unet)
-    tensors = {f"param.{n}": p.detach().to("cpu", copy=True) for n, p in trainable}
-    state = optimizer.state_dict()
-    values: dict[str, dict[str, object]] = {}
-    for index, entries in state["state"].items():
-        name = trainable[index][0]
-        for key, value in entries.items():
-            if isinstance(value, Tensor):
-                tensors[f"optimizer.{name}.{key}"] = value.detach().to("cpu", copy=True)
-            else:
-                values.setdefault(name, {})[key] = value
-    try:
-        metadata = {
-            "step": str(step),
-            "config": config.key(),
-            "param_groups": json.dumps(state["param_groups"]),
-            "optimizer_values": json.dumps(values),
-        }
-    except TypeError as error:
-        raise TypeError(
-            f"{type(optimizer).__name__}'s state holds a value that is neither a tensor nor JSON "
-            f"({error}); a checkpoint stores no pickles"
-        ) from None
-    if lr_scheduler is not None:
-        metadata["lr_scheduler"] = json.dumps(lr_scheduler.state_dict())
-    if scaler is not None:
-        metadata["grad_scaler"] = json.dumps(scaler.state_dict())
-    write_safetensors_atomically(tensors, Path(path), metadata)
-
-
-def load_checkpoint(
-    path: Path, unet: nn.Module, optimizer, config: TrainConfig, lr_scheduler=None, scaler=None
-) -> int:
-    """Restore a checkpoint written by `save_checkpoint`; returns the step to continue from.
-
-    A checkpoint written by another configuration (TrainConfig.key) is refused before anything
-    changes. The optimizer's state is rebuilt as `optimizer.state_dict()` had it and handed to
-    `optimizer.load_state_dict`, which moves it to each parameter's device."""
-    tensors, metadata = read_safetensors(path)
-    if metadata.get("config") != config.key():
-        raise ValueError(
-            f"checkpoint {Path(path).name} was written by another configuration: "
-            f"{metadata.get('config')} (this run: {config.key()})"
-        )
-    if "optimizer_values" not in metadata:  # the earlier format: Adam's moments, flattened
-        raise ValueError(
-            f"checkpoint {Path(path).name} was written by an older lokr_edu, which stored only "
-            "Adam's moments, flattened; it cannot be resumed: start the run again"
-        )
-    trainable = _trainable(unet)
-    with torch.no_grad():
-        for name, p in trainable:
-            p.copy_(tensors[f"param.{name}"])
-    values = json.loads(metadata["optimizer_values"])
-    state = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
-    for index, (name, _) in enumerate(trainable):
-        prefix = f"optimizer.{name}."  # a parameter's name is never another's prefix + "."
-        entries = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        entries.update(values.get(name, {}))
-        if entries:
-            state["state"][index] = entries
-    optimizer.load_state_dict(state)
-    if lr_scheduler is not None and "lr_scheduler" in metadata:
-        lr_scheduler.load_state_dict(json.loads(metadata["lr_scheduler"]))
-    if scaler is not None and "grad_scaler" in metadata:
-        scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
-    return int(metadata["step"])
 
 
 def _accelerator(config: TrainConfig):
@@ -589,38 +305,6 @@ def _check_captions(dataset: Sequence[tuple[Tensor, str]], tokenize) -> None:
     unique = sorted(set(captions))
     for start in range(0, len(unique), 256):
         tokenize(unique[start : start + 256])
-
-
-@torch.no_grad()
-def sample_grid(pipe, config: TrainConfig, tokenize=None, autocast=None):
-    """The sample grid `train` saves: one row, an image per config.sample_prompts (a PIL image).
-
-    The pipeline's sampling loop, config.sample_inference_steps steps, seeded with config.seed,
-    config.sample_resolution pixels square, the prompts' embeddings computed with `tokenize`
-    (default: the pipeline's tokenizer), under `autocast` (a context manager; `train` passes
-    torch.autocast in its mixed-precision dtype). The same call on a pipeline that reloaded the
-    exported adapter draws the same grid. Defined in chapter 07.
-    """
-    from diffusers.utils import make_image_grid
-
-    if tokenize is None:
-        tokenize = functools.partial(tokenize_captions, pipe.tokenizer)
-    prompts = list(config.sample_prompts)
-    device = pipe.unet.device
-    side = config.sample_resolution
-    pipe.set_progress_bar_config(disable=True)
-    with autocast if autocast is not None else contextlib.nullcontext():
-        embeddings = pipe.text_encoder(tokenize(prompts).to(device))[0]
-        empty = pipe.text_encoder(tokenize([""] * len(prompts)).to(device))[0]
-        images = pipe(
-            prompt_embeds=embeddings,
-            negative_prompt_embeds=empty,
-            num_inference_steps=config.sample_inference_steps,
-            generator=torch.Generator().manual_seed(config.seed),
-            height=side,
-            width=side,
-        ).images
-    return make_image_grid(images, rows=1, cols=len(images))
 
 
 def _save_samples(pipe, config: TrainConfig, tokenize, folder: Path, step: int):
@@ -806,101 +490,3 @@ def train(
         unet.disable_gradient_checkpointing()
     cast_training_params(unet, dtype=dtype)  # one dtype for the whole pipeline, for sampling
     return torch.stack(losses).tolist() if losses else []  # to Python once
-
-
-def export_adapter(pipe, folder: Path | str, *, dtype: torch.dtype | None = None) -> list[Path]:
-    """Write the trained adapter as the files other tools read (`lokr_edu.save_adapter`):
-
-        folder/adapter.safetensors                 kohya/LyCORIS keys: A1111, ComfyUI, LyCORIS
-        folder/pytorch_lora_weights.safetensors    diffusers/peft keys, for LoRA only:
-                                                   pipe.load_lora_weights(folder) reads it
-    dtype converts the tensors (torch.float16 halves the files, as most shared files are).
-    Returns the paths written. Defined in chapter 07.
-    """
-    folder = Path(folder)
-    methods = {
-        adapter.method
-        for model in (pipe.unet, pipe.text_encoder)
-        for _, layer in adapter_layers(model)
-        for adapter in layer.adapters.values()
-    }
-    paths = [save_adapter(pipe, folder / KOHYA_FILE, "kohya", dtype=dtype)]
-    if methods == {"lora"}:
-        paths.append(save_adapter(pipe, folder / DIFFUSERS_FILE, "peft", dtype=dtype))
-    return paths
-
-
-def default_batch_size(pipe, resolution: int | None = None) -> int:
-    """How many prompts `generate` samples at once: 8 at 512 × 512, more for smaller images.
-
-    With classifier-free guidance a batch of 8 prompts is 16 U-Net rows; SD1.5 in fp16 at 512²
-    then stays well inside a 16 GB GPU (a T4), and VAE slicing decodes one image at a time.
-    The count grows as the pixels shrink, 8 · (512 / side)², up to 250 (the tiny model of
-    chapter 07 draws its 200 prompts in one batch). Defined in chapter 07.
-    """
-    side = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return max(1, min(250, 8 * 512**2 // side**2))
-
-
-@torch.no_grad()
-def generate(
-    pipe,
-    prompts: Sequence[str],
-    *,
-    steps: int = 20,
-    guidance_scale: float = 3.0,
-    seed: int = 0,
-    batch_size: int | None = None,
-    resolution: int | None = None,
-) -> Tensor:
-    """Images for `prompts` from any StableDiffusionPipeline: (N, 3, H, W) in [0, 1].
-
-    The pipeline's own sampling loop (its scheduler, classifier-free guidance
-    ε̂ = ε(∅) + g·(ε(text) − ε(∅)) with g = guidance_scale), in batches of batch_size prompts
-    (default: `default_batch_size`, sized for a 16 GB GPU), decoding with VAE slicing (one image
-    at a time), from one generator seeded with `seed`: the same call gives the same images.
-    resolution: the images' side in pixels (default: the pipeline's, 512 for SD1.5).
-    Defined in chapter 07.
-    """
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts: give at least one prompt")
-    tokenize_captions(pipe.tokenizer, prompts)  # a too-long prompt is an error, not truncated
-    batch_size = batch_size or default_batch_size(pipe, resolution)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.vae.enable_slicing()  # decode one image at a time: the VAE's peak memory of one
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        out = pipe(
-            prompts[start : start + batch_size],
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            height=resolution,
-            width=resolution,
-            output_type="pt",
-        ).images  # (n, 3, H, W) in [0, 1]
-        images.append(out.float().cpu())
-    return torch.cat(images)
-
-
-def eta_sweep(
-    pipe,
-    etas: Sequence[float],
-    measure: Callable[[object], object],
-    name: str | None = None,
-) -> dict[float, object]:
-    """{η: measure(pipe)} with the U-Net's adapter (all, or the one called `name`) at strength η.
-
-    η = 0 is the base model, η = 1 the adapter as trained, η > 1 extrapolates along ΔW
-    (W + η·ΔW, chapter 04). The strength is set back to 1 afterwards, even on an error.
-    """
-    results = {}
-    try:
-        for eta in etas:
-            set_strength(pipe.unet, eta, name)
-            results[float(eta)] = measure(pipe)
-    finally:
-        set_strength(pipe.unet, 1.0, name)
-    return results

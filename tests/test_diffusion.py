@@ -455,3 +455,35 @@ def test_a_checkpoint_of_the_older_format_is_refused_before_anything_changes(tmp
     with pytest.raises(ValueError, match="written by an older lokr_edu"):
         load_checkpoint(path, fresh, again, CONFIG)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), before, strict=True))
+
+
+def test_every_name_of_the_split_modules_is_the_same_object_from_lokr_edu_diffusion() -> None:
+    """diffusion.py was split by idea (sd_data, sd_checkpoint, sd_sampling); `from
+    lokr_edu.diffusion import X` still gives the very object the new module defines."""
+    from lokr_edu import diffusion, sd_checkpoint, sd_data, sd_sampling
+
+    parts = [*sd_data.__all__, *sd_checkpoint.__all__, *sd_sampling.__all__]
+    assert sorted(diffusion.__all__) == sorted(
+        ["TrainConfig", "noise_prediction_loss", "train", *parts]
+    ), "lokr_edu.diffusion's public names are the loop's three and every part's"
+    moved = {
+        sd_data: ["IMAGE_SUFFIXES"],
+        sd_checkpoint: ["CHECKPOINT_FILE", "_trainable"],
+        sd_sampling: ["KOHYA_FILE", "DIFFUSERS_FILE"],
+    }
+    for module, constants in moved.items():
+        for name in [*module.__all__, *constants]:
+            assert getattr(diffusion, name) is getattr(module, name), name
+
+
+def test_the_split_modules_import_without_the_training_loop() -> None:
+    """The layering: data, checkpoints and sampling never import lokr_edu.diffusion at run time
+    (only for annotations), so there is no import cycle."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lokr_edu.sd_data, lokr_edu.sd_checkpoint, lokr_edu.sd_sampling; "
+        "assert 'lokr_edu.diffusion' not in sys.modules, 'imported the loop'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
