@@ -36,11 +36,13 @@ install: $(INSTALLED)
 course: $(INSTALLED)
 	@$(BIN)/python -m lokr_edu.course run
 
+# pytest runs one worker per core (pytest-xdist); each test file, and so each notebook, stays
+# whole on one worker, its cells in order.
 test: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m lokr_edu.exercises check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 # The edit-test loop: lint and the unit tests in tests/, without executing the notebooks.
 test-fast: $(INSTALLED)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from check_cases import check_tests
 from torch import nn
@@ -49,6 +52,47 @@ def merged_weight_wrong(kind):
         }[kind]
 
     return answer
+
+
+def guided(unet, z, t, text, empty, g):
+    eps_empty, eps_text = unet(torch.cat([z, z]), t, torch.cat([empty, text])).sample.chunk(2)
+    return eps_empty + g * (eps_text - eps_empty)
+
+
+def guided_twice(unet, z, t, text, empty, g):
+    eps_empty, eps_text = unet(z, t, empty).sample, unet(z, t, text).sample
+    return eps_empty + g * (eps_text - eps_empty)
+
+
+def guided_wrong(kind):
+    def answer(unet, z, t, text, empty, g):
+        e, c = unet(torch.cat([z, z]), t, torch.cat([empty, text])).sample.chunk(2)
+        return {"swapped": c + g * (e - c), "scaled": g * c, "from text": c + g * (c - e)}[kind]
+
+    return answer
+
+
+def terminal(beta_start, beta_end, steps, scaled=True, root=True, variance=True):
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    if not scaled:
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    last = torch.cumprod(1 - betas, dim=0)[-1].item()
+    share = last**0.5 if root else last
+    return share, last / (1 - last) if variance else last**0.5 / (1 - last**0.5)
+
+
+def half_strength_answer() -> str:
+    """Exercise 7.5's answer, computed here from the committed runs (not by the check)."""
+    results = json.loads(RESULTS.read_text())
+    runs = [r for r in results["runs"] if r["variant"] == "prior"]
+    ratio = sum(r["eta"]["0.5"]["concept"] for r in runs) / sum(
+        r["eta"]["1.0"]["concept"] for r in runs
+    )
+    return "none" if ratio < 0.25 else "all" if ratio > 0.75 else "half"
+
+
+RESULTS = Path(__file__).parent.parent / "benchmarks" / "results" / "dreambooth_digits.json"
+HALF = half_strength_answer()
 
 
 def all_k_v(unet):
@@ -115,6 +159,42 @@ CASES = [
             (merged_weight_wrong("order"), "wrong order"),
             (merged_weight_wrong("no eta"), "η is missing"),
             (merged_weight_wrong("eta on W"), "not the frozen weight"),
+        ],
+    ),
+    (
+        checks.check_predict_half_strength,
+        HALF,
+        [
+            (next(a for a in ("none", "half", "all") if a != HALF), "is not what happens"),
+            ("some", "must be one of"),
+        ],
+    ),
+    (
+        checks.check_guided_noise,
+        guided,
+        [
+            (guided_wrong("swapped"), "the branches are swapped"),
+            (guided_wrong("scaled"), "not g·ε(text)"),
+            (guided_wrong("from text"), "start from ε(∅), not ε(text)"),
+            (guided_twice, "run it once on the doubled batch"),
+        ],
+    ),
+    (
+        checks.check_forgetting,
+        {"prior": 0.99, "no prior": 0.12},
+        [
+            ({"prior": 0.12, "no prior": 0.99}, "are the two keys swapped"),
+            ({"prior": 0.99, "no prior": 0.95}, "almost no difference"),
+            ({"with": 0.99, "without": 0.1}, "the keys 'prior' and 'no prior'"),
+        ],
+    ),
+    (
+        checks.check_terminal_signal,
+        terminal,
+        [
+            (lambda a, b, n: terminal(a, b, n, scaled=False), "linear in √β"),
+            (lambda a, b, n: terminal(a, b, n, root=False), "the square root of the product"),
+            (lambda a, b, n: terminal(a, b, n, variance=False), "a ratio of variances"),
         ],
     ),
 ]

@@ -39,7 +39,7 @@ def test_pretrain_a_few_steps_saves_a_pipeline_that_loads(tmp_path) -> None:
 
 def test_the_reader_reads_real_digits_and_their_orientation() -> None:
     reader = DigitReader.fit()
-    assert reader.test_accuracy > 0.9
+    assert reader.test_accuracy > 0.97 and reader.rotated_accuracy > 0.97  # held-out real digits
     upright, labels = digit_images()
     rotated, _ = digit_images(rotated=True)
     assert reader.rate(upright[:200] / 2 + 0.5, labels[:200], rotated=False) > 0.9

@@ -14,6 +14,10 @@ __all__ = [
     "check_noise_prediction_loss",
     "check_text_reading_targets",
     "check_lokr_merged_weight",
+    "check_predict_half_strength",
+    "check_guided_noise",
+    "check_forgetting",
+    "check_terminal_signal",
 ]
 
 
@@ -158,3 +162,152 @@ def check_lokr_merged_weight(merged_weight: Callable) -> None:
             hint = "W + η·(α/r)·kron(W1, w2a @ w2b)"
         raise CheckError(f"lokr_merged_weight is wrong {context}: {hint}")
     passed("the merged weight at η is W + η·(α/r)·(W1 ⊗ W2), the weight that merging at η writes")
+
+
+def _committed_runs() -> list[dict]:
+    """The runs of benchmarks/dreambooth_digits.py committed with the course."""
+    import json
+
+    from lokr_edu.course import repository_root
+
+    path = repository_root() / "benchmarks" / "results" / "dreambooth_digits.json"
+    return json.loads(path.read_text())["runs"]
+
+
+HALF_STRENGTH_ANSWERS = ("none", "half", "all")
+
+
+def check_predict_half_strength(prediction: str) -> None:
+    """Exercise 7.5: at η = 0.5, how much of the concept is drawn, against η = 1?
+
+    The answer comes from the committed runs (mean over methods and seeds of the prior variant):
+    "none" if η = 0.5 draws under a quarter of η = 1's concept rate, "all" above three quarters,
+    "half" between.
+    """
+    if prediction not in HALF_STRENGTH_ANSWERS:
+        raise CheckError(f"prediction must be one of {HALF_STRENGTH_ANSWERS}, got {prediction!r}")
+    runs = [r for r in _committed_runs() if r["variant"] == "prior"]
+    half = sum(r["eta"]["0.5"]["concept"] for r in runs) / len(runs)
+    full = sum(r["eta"]["1.0"]["concept"] for r in runs) / len(runs)
+    ratio = half / full
+    answer = "none" if ratio < 0.25 else "all" if ratio > 0.75 else "half"
+    measured = f"measured over {len(runs)} runs: concept {half:.2f} at η = 0.5, {full:.2f} at η = 1"
+    if prediction == answer:
+        passed(f"{answer}: {measured}")
+        return
+    if prediction == "half":
+        hint = (
+            "η scales ΔW linearly, but the U-Net is not linear in its weights, and sampling "
+            "repeats it ten times: a small change in every step's prediction need not give half "
+            "a rotation"
+        )
+    else:
+        hint = "compare the two rates: the answer is where their ratio falls"
+    raise CheckError(f"the prediction {prediction!r} is not what happens ({measured}): {hint}")
+
+
+def _fake_unet(z: torch.Tensor, t: int, text: torch.Tensor):
+    """A stand-in U-Net with the real call: ε(z, t, text) depends on each row's own text."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sample=0.5 * z + text.mean(dim=(1, 2)).view(-1, 1, 1, 1) + 1e-3 * t)
+
+
+def check_guided_noise(guided_noise: Callable) -> None:
+    """Exercise 7.6: ε̂ = ε(∅) + g·(ε(text) − ε(∅)), with the U-Net run once on a doubled batch."""
+    z, text = random_tensor(3, 4, 8, 8, seed=11), random_tensor(3, 8, 64, seed=12)
+    empty = random_tensor(1, 8, 64, seed=13).expand(3, 8, 64)
+    calls = []
+
+    def unet(z_in, t, text_in):
+        calls.append(len(z_in))
+        return _fake_unet(z_in, t, text_in)
+
+    eps_text, eps_empty = _fake_unet(z, 501, text).sample, _fake_unet(z, 501, empty).sample
+    for g in (1.0, 3.0):
+        calls.clear()
+        context = f"at guidance g = {g:g}, for 3 latents"
+        got = call_student(
+            "guided_noise", guided_noise, unet, z, 501, text, empty, g, context=context
+        )
+        require_tensor("guided_noise", got, (3, 4, 8, 8), context)
+        want = eps_empty + g * (eps_text - eps_empty)
+        if torch.allclose(got, want):
+            continue
+        if torch.allclose(got, eps_text + g * (eps_empty - eps_text)):
+            hint = "the branches are swapped: start from ε(∅) and move towards ε(text)"
+        elif torch.allclose(got, g * eps_text):
+            hint = "guidance mixes two predictions: ε(∅) + g·(ε(text) − ε(∅)), not g·ε(text)"
+        elif torch.allclose(got, eps_text + g * (eps_text - eps_empty)):
+            hint = "start from ε(∅), not ε(text): g = 1 must give ε(text) exactly"
+        else:
+            hint = "ε̂ = ε(∅) + g·(ε(text) − ε(∅)); check which half of the batch is which"
+        raise CheckError(f"guided_noise is wrong {context}: {hint}")
+    if calls != [6]:
+        raise CheckError(
+            f"guided_noise called the U-Net with batches of {calls}: run it once on the doubled "
+            "batch torch.cat([z, z]) with torch.cat([empty, text]), as the pipeline does (one "
+            "call of 2N rows is faster than two of N)"
+        )
+    passed("ε̂ = ε(∅) + g·(ε(text) − ε(∅)) from one U-Net call on both branches")
+
+
+def check_forgetting(rates: dict) -> None:
+    """Exercise 7.7: the concept digits' plain prompts with and without the prior."""
+    if not isinstance(rates, dict) or set(rates) != {"prior", "no prior"}:
+        raise CheckError(f"give a dict with the keys 'prior' and 'no prior', got {rates!r:.80}")
+    if not all(isinstance(v, float) and 0 <= v <= 1 for v in rates.values()):
+        raise CheckError(f"each rate is a float in [0, 1] (reader.rate returns one), got {rates}")
+    kept, lost = rates["prior"], rates["no prior"]
+    if kept < lost:
+        raise CheckError(
+            f"the run with the prior kept fewer plain digits ({kept:.2f}) than the run without "
+            f"({lost:.2f}): are the two keys swapped?"
+        )
+    if kept - lost < 0.3:
+        raise CheckError(
+            f"prior {kept:.2f}, no prior {lost:.2f}: almost no difference. Did the no-prior run "
+            "really train without class images (train_concept(method, 'no prior'))? And did "
+            "you measure the plain prompts of the concept digits, not the concept?"
+        )
+    passed(
+        f"without the prior the plain prompts forget: {kept:.2f} kept with it, {lost:.2f} without"
+    )
+
+
+def check_terminal_signal(terminal_signal: Callable) -> None:
+    """Exercise 7.8: √ᾱ_T and SNR_T = ᾱ_T / (1 − ᾱ_T) of a scaled-linear β schedule."""
+    found = []
+    for beta_start, beta_end, steps in [(0.00085, 0.012, 1000), (0.0001, 0.02, 500)]:
+        context = f"for β from {beta_start} to {beta_end} over {steps} steps"
+        got = call_student(
+            "terminal_signal", terminal_signal, beta_start, beta_end, steps, context=context
+        )
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise CheckError(f"terminal_signal must return (√ᾱ_T, SNR_T), got {got!r:.80}")
+        share, snr = (float(v) for v in got)
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+        last = torch.cumprod(1 - betas, dim=0)[-1].item()
+        want = (last**0.5, last / (1 - last))
+        if abs(share - want[0]) <= 1e-6 * max(1, want[0]) and abs(snr - want[1]) <= 1e-6 * max(
+            1, want[1]
+        ):
+            found.append(want)
+            continue
+        linear = torch.cumprod(
+            1 - torch.linspace(beta_start, beta_end, steps, dtype=torch.float64), dim=0
+        )[-1].item()
+        if abs(share - linear**0.5) < 1e-9:
+            hint = "scaled linear means linear in √β: linspace(√β_start, √β_end) then square"
+        elif abs(share - last) < 1e-9:
+            hint = "the share of z0 is √ᾱ_T, the square root of the product"
+        elif abs(snr - last**0.5 / (1 - last**0.5)) < 1e-9:
+            hint = "SNR is a ratio of variances: ᾱ_T / (1 − ᾱ_T), not of standard deviations"
+        else:
+            hint = "ᾱ_T = Π (1 − β_t) over all steps; √ᾱ_T and ᾱ_T / (1 − ᾱ_T)"
+        raise CheckError(
+            f"terminal_signal returned ({share:.6g}, {snr:.6g}) {context}; expected "
+            f"({want[0]:.6g}, {want[1]:.6g}): {hint}"
+        )
+    share, snr = found[0]
+    passed(f"SD1.5's schedule: √ᾱ_T = {share:.3f}, SNR_T = {snr:.4f}; a trace of z0 survives")
