@@ -84,7 +84,7 @@ def terminal(beta_start, beta_end, steps, scaled=True, root=True, variance=True)
 def half_strength_answer() -> str:
     """Exercise 7.5's answer, computed here from the committed runs (not by the check)."""
     results = json.loads(RESULTS.read_text())
-    runs = [r for r in results["runs"] if r["variant"] == "prior"]
+    runs = [r for r in results["runs"] if r["variant"] == "prior" and "eta" in r]
     ratio = sum(r["eta"]["0.5"]["concept"] for r in runs) / sum(
         r["eta"]["1.0"]["concept"] for r in runs
     )

@@ -186,7 +186,7 @@ def check_predict_half_strength(prediction: str) -> None:
     """
     if prediction not in HALF_STRENGTH_ANSWERS:
         raise CheckError(f"prediction must be one of {HALF_STRENGTH_ANSWERS}, got {prediction!r}")
-    runs = [r for r in _committed_runs() if r["variant"] == "prior"]
+    runs = [r for r in _committed_runs() if r["variant"] == "prior" and "eta" in r]
     half = sum(r["eta"]["0.5"]["concept"] for r in runs) / len(runs)
     full = sum(r["eta"]["1.0"]["concept"] for r in runs) / len(runs)
     ratio = half / full
