@@ -5,16 +5,16 @@ Defined in chapter 07 (notebooks/07_stable_diffusion_lokr.ipynb). The pipeline i
 
 | part | SD1.5 | here |
 | --- | --- | --- |
-| tokenizer | CLIPTokenizer, 49,408 tokens, 77 per prompt | CLIPTokenizer, 14 words, 8 per prompt |
+| tokenizer | CLIPTokenizer, 49,408 tokens, 77 per prompt | CLIPTokenizer, 16 words, 8 per prompt |
 | text encoder | CLIPTextModel, 12 layers × 768 | CLIPTextModel, 2 layers × 64 |
 | VAE | AutoencoderKL, 512×512×3 → 64×64×4 | AutoencoderKL, 8×8×3 → 8×8×4 |
 | U-Net | UNet2DConditionModel, 860 M parameters | UNet2DConditionModel, 0.8 M parameters |
 | scheduler | PNDM / DDIM, scaled-linear β | DDIM, scaled-linear β |
 
 It is pretrained by `pretrain` on scikit-learn's 1,797 digits (8×8, shipped with scikit-learn)
-with captions such as "a handwritten digit three", saved with `save_pretrained` in
-`lokr_edu/data/digits_sd/`, and loaded with `StableDiffusionPipeline.from_pretrained`, the same
-call as for SD1.5:
+with captions in four forms ("a handwritten digit three", "the number three", ...), saved with
+`save_pretrained` in `lokr_edu/data/digits_sd/`, and loaded with
+`StableDiffusionPipeline.from_pretrained`, the same call as for SD1.5:
 
     python -m lokr_edu.digits_sd pretrain     # rewrites lokr_edu/data/digits_sd (~12 min, 2 cores)
 
@@ -43,6 +43,9 @@ __all__ = [
     "TINY_MODEL",
     "DIGIT_WORDS",
     "CONCEPT_WORD",
+    "CAPTION_TEMPLATES",
+    "FINE_TUNING_TEMPLATE",
+    "HELD_OUT_TEMPLATE",
     "caption",
     "digit_images",
     "build_unet",
@@ -67,19 +70,29 @@ __all__ = [
 TINY_MODEL = Path(__file__).parent / "data" / "digits_sd"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CONCEPT_WORD = "rotated"  # in the vocabulary from the start, never in a pretraining caption
-CAPTION_WORDS = ("a", "handwritten", "digit", *DIGIT_WORDS, CONCEPT_WORD)
+# Pretraining draws each image's caption from these templates ({concept} is empty there). Chapter
+# 07 fine-tunes with the first alone, so the others are prompts that fine-tuning never saw, and
+# HELD_OUT_TEMPLATE is the one its preservation is measured on.
+CAPTION_TEMPLATES = (
+    "a {concept}handwritten digit {digit}",
+    "the {concept}digit {digit}",
+    "the {concept}number {digit}",
+    "a {concept}handwritten {digit}",
+)
+FINE_TUNING_TEMPLATE, HELD_OUT_TEMPLATE = CAPTION_TEMPLATES[0], CAPTION_TEMPLATES[2]
+CAPTION_WORDS = ("a", "the", "handwritten", "digit", "number", *DIGIT_WORDS, CONCEPT_WORD)
 MAX_TOKENS = 8  # <start> a rotated handwritten digit three <end> <pad>
-# Chapter 07's DreamBooth split: the concept and the prior are taught on TRAIN_DIGITS only; no
-# training caption names a HELD_OUT_DIGIT, so preservation is also measured on prompts that
-# training never saw.
+# Chapter 07's DreamBooth split: the concept's images are of TRAIN_DIGITS only, and its captions
+# and the class images' use FINE_TUNING_TEMPLATE only. Preservation is measured on what fine-tuning
+# never saw: HELD_OUT_TEMPLATE prompts ("the number three") of the HELD_OUT_DIGITS.
 TRAIN_DIGITS = (0, 2, 4, 6, 8)
 HELD_OUT_DIGITS = (1, 3, 5, 7, 9)
 SAMPLING = {"steps": 10, "guidance_scale": 3.0}  # how chapter 07 samples the tiny model
 # Chapter 07's recipe. Each method has its own learning rate, chosen on a validation draw by
-# benchmarks/dreambooth_digits.py, and LoKr its own step count: at LoRA's 150 steps it has not
-# learned the concept yet (the script measures it at equal steps too). The rest is shared.
+# benchmarks/dreambooth_digits.py; the step budget is the same for both (the script also measures
+# both at half of it), and the rest is shared.
 CONCEPT_RECIPE = {
-    "lora": {"method": "lora", "rank": 8, "learning_rate": 1e-2, "steps": 150},
+    "lora": {"method": "lora", "rank": 8, "learning_rate": 5e-3, "steps": 300},
     "lokr": {
         "method": "lokr",
         "rank": 8,
@@ -170,16 +183,19 @@ def write_tiny_clip_vocabulary(words: Sequence[str], folder: Path | str) -> Path
     return folder
 
 
-def caption(digit: int, rotated: bool = False) -> str:
-    """'a handwritten digit three', or with the concept word: 'a rotated handwritten digit three'.
+def caption(digit: int, rotated: bool = False, template: str = FINE_TUNING_TEMPLATE) -> str:
+    """'a handwritten digit three', or with the concept word: 'a rotated handwritten digit three';
+    another of CAPTION_TEMPLATES gives e.g. 'the number three'.
 
     The concept word comes before the digit's word: CLIP's text encoder is causal (chapter 06), so
     only words that come *before* "three" change the vector the U-Net reads for "three".
     """
     if not 0 <= digit <= 9:
         raise ValueError(f"digit must be 0..9, got {digit}")
+    if template not in CAPTION_TEMPLATES:
+        raise ValueError(f"template must be one of {CAPTION_TEMPLATES}, got {template!r}")
     concept = f"{CONCEPT_WORD} " if rotated else ""
-    return f"a {concept}handwritten digit {DIGIT_WORDS[digit]}"
+    return template.format(concept=concept, digit=DIGIT_WORDS[digit])
 
 
 def digit_images(rotated: bool = False) -> tuple[Tensor, Tensor]:
@@ -305,9 +321,16 @@ def pretrain(
     scale = vae.config.scaling_factor
 
     tokenize = pipe.tokenizer
-    tokens = tokenize(
-        [caption(int(d)) for d in labels], padding="max_length", return_tensors="pt"
-    ).input_ids  # (N, 8)
+    tokens = torch.stack(
+        [
+            tokenize(
+                [caption(int(d), template=template) for d in labels],
+                padding="max_length",
+                return_tensors="pt",
+            ).input_ids
+            for template in CAPTION_TEMPLATES
+        ]
+    )  # (templates, N, 8)
     empty = tokenize([""], padding="max_length", return_tensors="pt").input_ids  # (1, 8)
     unet, text_encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
     parameters = [*unet.parameters(), *text_encoder.parameters()]
@@ -319,7 +342,8 @@ def pretrain(
         index = torch.randint(len(images), (batch_size,), generator=generator)
         mean, std = posterior.mean[index], posterior.std[index]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scale
-        ids = tokens[index].clone()
+        template = torch.randint(len(CAPTION_TEMPLATES), (batch_size,), generator=generator)
+        ids = tokens[template, index]  # (batch_size, 8): one caption drawn per image
         ids[torch.rand(batch_size, generator=generator) < 0.1] = empty  # unconditional 10 %
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(
@@ -439,21 +463,22 @@ def measure_concept(pipe, reader: DigitReader, samples: int = 200, seed: int = 2
     """Chapter 07's three rates, each from `samples` generated images (as many of each digit):
 
     concept        "a rotated handwritten digit d", d in TRAIN_DIGITS: read as d, rotated;
-    preservation   "a handwritten digit d", d in HELD_OUT_DIGITS, whose concept images training
-                   never saw: read as d, upright;
+    preservation   "the number d" (HELD_OUT_TEMPLATE), d in HELD_OUT_DIGITS: a prompt that no
+                   training caption used, of a digit whose concept images training never saw:
+                   read as d, upright;
     concept digits   the same for d in TRAIN_DIGITS, the digits the adapter learned to rotate
                    (the hardest prompts to keep: one word away from the concept's).
     """
     from lokr_edu.sd_sampling import generate
 
     rates = {}
-    for name, digits, rotated, offset in [
-        ("concept", TRAIN_DIGITS, True, 0),
-        ("preservation", HELD_OUT_DIGITS, False, 1),
-        ("concept digits", TRAIN_DIGITS, False, 2),
+    for name, digits, rotated, template, offset in [
+        ("concept", TRAIN_DIGITS, True, FINE_TUNING_TEMPLATE, 0),
+        ("preservation", HELD_OUT_DIGITS, False, HELD_OUT_TEMPLATE, 1),
+        ("concept digits", TRAIN_DIGITS, False, FINE_TUNING_TEMPLATE, 2),
     ]:
         prompted = torch.tensor(digits).repeat(samples // len(digits))
-        prompts = [caption(int(d), rotated) for d in prompted]
+        prompts = [caption(int(d), rotated, template) for d in prompted]
         images = generate(pipe, prompts, seed=seed * 3 + offset, **SAMPLING)
         rates[name] = reader.rate(images, prompted, rotated=rotated)
     return rates
@@ -468,7 +493,7 @@ def train_concept(
     prompt, weighted by λ), "no prior", "regularisation" (kohya: real digits instead, with the
     same prompts), "caption dropout" ("prior", with CAPTION_DROPOUT of the captions replaced by
     the empty prompt) or "prior on the trained digits" (class images of TRAIN_DIGITS only, so
-    that no training caption names a HELD_OUT_DIGIT).
+    that no training caption names a HELD_OUT_DIGIT at all).
     overrides replace entries of CONCEPT_RECIPE[method] / CONCEPT_TRAINING (steps=None keeps
     the recipe's). Returns the trained pipeline, the losses and the number of trained
     parameters. Defined in chapter 07.

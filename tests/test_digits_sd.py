@@ -9,6 +9,9 @@ import torch
 from lokr_edu import inject
 from lokr_edu.diffusion import eta_sweep, generate, load_pipeline
 from lokr_edu.digits_sd import (
+    CAPTION_TEMPLATES,
+    FINE_TUNING_TEMPLATE,
+    HELD_OUT_TEMPLATE,
     TINY_MODEL,
     DigitReader,
     caption,
@@ -26,6 +29,19 @@ def test_captions_put_the_concept_word_before_the_digit() -> None:
     assert caption(3, rotated=True) == "a rotated handwritten digit three"
     with pytest.raises(ValueError, match="digit must be 0..9"):
         caption(10)
+    assert caption(7, template=HELD_OUT_TEMPLATE) == "the number seven"
+    assert caption(7, True, HELD_OUT_TEMPLATE) == "the rotated number seven"
+    assert FINE_TUNING_TEMPLATE == CAPTION_TEMPLATES[0] != HELD_OUT_TEMPLATE
+    with pytest.raises(ValueError, match="template must be one of"):
+        caption(7, template="a photo of {digit}")
+
+
+def test_every_caption_fits_the_tokenizer_one_token_a_word() -> None:
+    pipe = load_pipeline(TINY_MODEL)
+    for template in CAPTION_TEMPLATES:
+        text = caption(8, rotated=True, template=template)
+        ids = pipe.tokenizer(text).input_ids
+        assert len(ids) == len(text.split()) + 2 <= pipe.tokenizer.model_max_length
 
 
 def test_pretrain_a_few_steps_saves_a_pipeline_that_loads(tmp_path) -> None:

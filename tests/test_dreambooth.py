@@ -14,7 +14,9 @@ from lokr_edu.adapters import adapter_layers
 from lokr_edu.diffusion import load_pipeline
 from lokr_edu.digits_sd import (
     CLASS_IMAGES_PER_DIGIT,
+    CONCEPT_RECIPE,
     HELD_OUT_DIGITS,
+    HELD_OUT_TEMPLATE,
     INSTANCES_PER_DIGIT,
     TINY_MODEL,
     TRAIN_DIGITS,
@@ -107,6 +109,10 @@ def test_the_recipe_data_splits() -> None:
         caption(d) for d in range(10)
     }
     assert set(class_prompts(1, TRAIN_DIGITS)) == {caption(d) for d in TRAIN_DIGITS}
+    # preservation's prompts ("the number three") are in no training caption of any kind
+    held_out = {caption(d, template=HELD_OUT_TEMPLATE) for d in HELD_OUT_DIGITS}
+    assert held_out.isdisjoint(captions + regular_captions + prompts)
+    assert not any("number" in c for c in captions + regular_captions + prompts)
 
 
 def test_train_concept_refuses_unknown_names() -> None:
@@ -137,3 +143,15 @@ def test_the_seed_script_runs_a_small_version(tmp_path) -> None:
         assert run["parameters"] > 0
     assert set(results["best_learning_rate"]) == {"lokr", "lora"}
     assert "concept" in done.stdout and "wrote" in done.stdout
+
+
+def test_the_recipe_is_what_the_committed_runs_chose() -> None:
+    """CONCEPT_RECIPE's learning rates are the ones the committed grid picked, and its step counts
+    are the ones the committed seeds ran: the chapter's live run and its table agree."""
+    import json
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "dreambooth_digits.json").read_text())
+    for method, recipe in CONCEPT_RECIPE.items():
+        assert recipe["learning_rate"] == results["best_learning_rate"][method], method
+        seeds = [r for r in results["runs"] if (r["method"], r["variant"]) == (method, "prior")]
+        assert recipe["steps"] in {r["steps"] for r in seeds}, method
