@@ -95,7 +95,7 @@ CHAPTERS: list[Chapter] = [
             "lokr_edu/train.py",
         ),
         "GPU for the full run; tiny mode on CPU",
-        183,
+        167,
         "exercises/07_stable_diffusion_lokr_exercises.ipynb",
     ),
 ]
