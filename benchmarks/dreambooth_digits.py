@@ -44,7 +44,7 @@ from lokr_edu.digits_sd import (
 
 RESULTS = Path(__file__).parent / "results" / "dreambooth_digits.json"
 LEARNING_RATES = {"lora": [3e-3, 5e-3, 1e-2, 2e-2], "lokr": [5e-3, 1e-2, 2e-2, 4e-2]}
-FEWER_STEPS = 150
+FEWER_STEPS = CONCEPT_RECIPE["lora"]["steps"] // 2  # half the budget both methods share
 SEEDS = [0, 1, 2]
 ETAS = [0.5, 1.5]  # η = 1 is each run's own measurement
 ETA_SAMPLES = 100  # per rate, at η ≠ 1
