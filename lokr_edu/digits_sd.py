@@ -115,7 +115,8 @@ CONCEPT_TRAINING = {
         "conv2",
     ),
     "batch_size": 32,  # instance images per step, and as many class images
-    "prior_weight": 1.0,  # DreamBooth's λ
+    "prior_loss_weight": 1.0,  # DreamBooth's λ
+    "cache_latents": True,  # the VAE and text encoder run once, before the first step
 }
 INSTANCES_PER_DIGIT = 5  # DreamBooth's handful: 25 real images of the concept in all
 CLASS_IMAGES_PER_DIGIT = 20  # the prior: 200 images the frozen model drew
@@ -498,7 +499,7 @@ def train_concept(
     the recipe's). Returns the trained pipeline, the losses and the number of trained
     parameters. Defined in chapter 07.
     """
-    from lokr_edu import dreambooth
+    from lokr_edu.diffusion import TrainConfig, train
     from lokr_edu.sd_data import load_pipeline
 
     if method not in CONCEPT_RECIPE:
@@ -507,18 +508,24 @@ def train_concept(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     settings = CONCEPT_TRAINING | CONCEPT_RECIPE[method]
     settings |= {k: v for k, v in overrides.items() if v is not None}
-    pipe = load_pipeline(TINY_MODEL)
-    instance = dreambooth.cache(pipe, *instance_images(INSTANCES_PER_DIGIT, seed=seed))
-    prior = None
-    if variant in ("prior", "caption dropout"):
-        prior = dreambooth.cache(pipe, *class_images(pipe, seed=100 + seed))
-    elif variant == "prior on the trained digits":
-        prior = dreambooth.cache(pipe, *class_images(pipe, digits=TRAIN_DIGITS, seed=100 + seed))
-    elif variant == "regularisation":
-        prior = dreambooth.cache(pipe, *regularisation_images(seed=seed))
     if variant == "caption dropout":
         settings["caption_dropout"] = CAPTION_DROPOUT
-    losses = dreambooth.train(pipe, instance, prior, seed=seed, **settings)
+    config = TrainConfig(seed=seed, **settings)
+    pipe = load_pipeline(TINY_MODEL)
+
+    def pairs(images: Tensor, captions: list[str]) -> list[tuple[Tensor, str]]:
+        return list(zip(images, captions, strict=True))
+
+    instance = pairs(*instance_images(INSTANCES_PER_DIGIT, seed=seed))
+    prior = None
+    if variant in ("prior", "caption dropout"):
+        prior = pairs(*class_images(pipe, seed=100 + seed))
+    elif variant == "prior on the trained digits":
+        prior = pairs(*class_images(pipe, digits=TRAIN_DIGITS, seed=100 + seed))
+    elif variant == "regularisation":
+        prior = pairs(*regularisation_images(seed=seed))
+    losses = train(pipe, instance, config, class_dataset=prior, progress=False)
+    pipe.unet.requires_grad_(False)
     parameters = sum(p.numel() for n, p in pipe.unet.named_parameters() if ".adapters." in n)
     return pipe, losses, parameters
 

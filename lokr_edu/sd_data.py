@@ -26,7 +26,13 @@ from torch import Tensor
 
 from lokr_edu.sd15 import MODEL_ID
 
-__all__ = ["ImageCaptionFolder", "load_pipeline", "resize_and_crop", "tokenize_captions"]
+__all__ = [
+    "ImageCaptionFolder",
+    "encode_prompts",
+    "load_pipeline",
+    "resize_and_crop",
+    "tokenize_captions",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -127,6 +133,18 @@ def tokenize_captions(tokenizer, captions: Sequence[str]) -> Tensor:
     return tokenizer(
         captions, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
     ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: Sequence[str]) -> Tensor:
+    """(len(prompts), L, d): the text encoder's last hidden states, what the U-Net reads.
+
+    The pipeline's own tokenizer (`tokenize_captions`) and text encoder, on its device. The
+    empty prompt "" gives the unconditional embedding that classifier-free guidance and caption
+    dropout use. Defined in chapter 07.
+    """
+    ids = tokenize_captions(pipe.tokenizer, list(prompts)).to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
 
 
 def resize_and_crop(image, resolution: int, left: float = 0.5, top: float = 0.5):

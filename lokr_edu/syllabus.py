@@ -90,7 +90,6 @@ CHAPTERS: list[Chapter] = [
             "lokr_edu/diffusion.py",
             "lokr_edu/sd_data.py",
             "lokr_edu/sd_sampling.py",
-            "lokr_edu/dreambooth.py",
             "lokr_edu/digits_sd.py",
             "lokr_edu/train.py",
         ),
