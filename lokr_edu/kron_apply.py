@@ -212,8 +212,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
     The reshape path writes into buffers it allocates (`torch.mm(..., out=...)`), so its inputs
     must all share this dtype before it starts, rather than letting autocast pick per product.
+    A device without autocast (PyTorch's `meta`, which the tests use to catch tensors made on
+    the wrong device) has no autocast dtype: x's own.
     """
     device = x.device.type
+    if not torch.amp.is_autocast_available(device):
+        return x.dtype
     if x.is_floating_point() and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
