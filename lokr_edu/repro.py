@@ -3,6 +3,10 @@
 Seeds Python, NumPy and torch, fixes torch's thread count (reduction order, hence the last
 digits of a float, can depend on it), shortens printed floats, and fixes matplotlib's figure
 size and resolution so committed outputs stay the same from run to run.
+
+Every notebook runs on one thread: the committed outputs are made that way, and it is each
+test worker's share of the cores when the tests run one worker per core, so two notebooks
+executed side by side never fight over a core.
 """
 
 from __future__ import annotations

@@ -102,3 +102,23 @@ def test_exercise_notebooks_ship_unexecuted(path: Path) -> None:
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.execution_count is None and cell.outputs == []
+
+
+def test_each_worker_and_each_notebook_kernel_uses_its_share_of_the_cores() -> None:
+    """A worker runs cores ÷ workers threads (conftest); every notebook runs on one thread
+    (setup_notebook's default, the count its committed outputs were made with: no notebook asks
+    for more), which with one worker per core is its share; the kernels' BLAS/OpenMP too."""
+    import os
+    import re
+
+    import torch
+    from conftest import share_of_the_cores
+
+    assert torch.get_num_threads() == share_of_the_cores() >= 1
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") == str(os.cpu_count()):
+        assert share_of_the_cores() == 1
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+    for path in EXECUTED:
+        calls = re.findall(r"setup_notebook\(([^)]*)\)", path.read_text(encoding="utf-8"))
+        threads = [re.search(r"threads\s*=\s*(\w+)", call) for call in calls]
+        assert calls and all(t is None or t[1] == "1" for t in threads), path.name
