@@ -1,22 +1,25 @@
 """GPU check: SD1.5 adapter training on CUDA in fp16, steps per second and peak GPU memory,
-lokr_edu's LoRA and LoKr against peft's LoRA, in one run.
+lokr_edu's LoRA and LoKr against peft's LoRA, plain and DreamBooth steps, in one run.
 
     make gpu-check                                  # a CUDA GPU; under 5 minutes
     python benchmarks/gpu_check.py --dry-run        # every code path on the CPU, about a minute
 
-What one step is: the training step of lokr_edu.diffusion.train and of diffusers'
-train_text_to_image_lora.py at 512×512, batch 1. Fixed random pixels are encoded by the VAE and
-77 random token ids by the text encoder (no grad), then noise_prediction_loss (ε-prediction,
-lokr_edu.diffusion) through the U-Net, backward, gradient norm clipped to 1, AdamW (lr 1e-4).
+What one step is: the training step of lokr_edu.diffusion.train at 512×512, batch 1, in its two
+forms. "plain" is diffusers' train_text_to_image_lora.py: fixed random pixels are encoded by the
+VAE and 77 random token ids by the text encoder (no grad), then the ε-prediction loss
+(lokr_edu.diffusion.prior_preservation_loss with one set, which is noise_prediction_loss) through
+the U-Net, backward, gradient norm clipped to 1, AdamW (lr 1e-4). "DreamBooth" is diffusers'
+train_dreambooth_lora.py --with_prior_preservation: an instance batch and a class batch (each of
+--batch-size, other pixels and tokens) go through the U-Net together, loss = instance + 1 · class.
 Mixed precision as diffusers' scripts do it: frozen weights in fp16, the trained adapter in fp32
 (diffusers.training_utils.cast_training_params), the loss under torch.autocast(fp16) and scaled by
 torch.amp.GradScaler (what accelerate's mixed_precision="fp16" wraps). The pipeline is full-size
 SD1.5 with random weights from the published configs (lokr_edu.sd15.random_pipeline): nothing is
 downloaded, and speed and memory do not depend on the weights' values.
 
-Configurations, on the U-Net's to_q, to_k, to_v, to_out.0 (diffusers' script), each with and
-without gradient checkpointing (unet.enable_gradient_checkpointing), all on the same pipeline
-(each adapter is taken out again before the next goes in):
+Configurations, on the U-Net's to_q, to_k, to_v, to_out.0 (diffusers' script), each for both
+steps and with and without gradient checkpointing (unet.enable_gradient_checkpointing), all on
+the same pipeline (each adapter is taken out again before the next goes in):
 
     peft LoRA r=4        unet.add_adapter(LoraConfig(r=4, lora_alpha=4,
                          init_lora_weights="gaussian", target_modules=...)), as diffusers' script
@@ -28,7 +31,8 @@ torch.cuda.synchronize(); steps/s = steps / elapsed. torch.cuda.reset_peak_memor
 the warm-up, then max_memory_allocated (live tensors: frozen weights, adapter, optimizer state,
 activations) and max_memory_reserved (what PyTorch's caching allocator took from the driver; the
 CUDA context is in neither) over the timed steps. "× peft" divides by peft's LoRA with the same
-checkpointing setting: below 1 is faster / smaller. Writes benchmarks/results/gpu_check_<gpu>.md.
+checkpointing setting and the same step: below 1 is faster / smaller. Writes
+benchmarks/results/gpu_check_<gpu>.md.
 
 --dry-run runs the same code on the CPU: the shipped tiny pipeline (lokr_edu.digits_sd, 8×8
 pixels), bf16 autocast standing in for fp16 (no loss scaling), 1 warm-up and 1 timed step.
@@ -59,7 +63,7 @@ from pathlib import Path
 import torch
 
 from lokr_edu.adapters import adapter_layers, inject
-from lokr_edu.diffusion import noise_prediction_loss
+from lokr_edu.diffusion import prior_preservation_loss
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' train_text_to_image_lora.py
@@ -69,7 +73,9 @@ ADAPTERS = {
     "lokr_edu LoKr r=8": ("lokr", 8),
 }
 REFERENCE = "peft LoRA r=4"
+STEPS = {"plain": 1, "DreamBooth": 2}  # sets of examples a step draws: instance (and class)
 COLUMNS = [
+    "step",
     "adapter",
     "gradient checkpointing",
     "trained parameters",
@@ -133,34 +139,40 @@ def remove_adapter(unet, kind: str) -> None:
 
 
 class Trainer:
-    """One configuration's optimizer, loss scaler and fixed batch; `step()` is one training step."""
+    """One configuration's optimizer, loss scaler and fixed batches (one per set: the instance
+    examples, and for a DreamBooth step the class examples); `step()` is one training step."""
 
-    def __init__(self, pipe, batch_size: int, resolution: int, amp_dtype: torch.dtype) -> None:
+    def __init__(
+        self, pipe, batch_size: int, resolution: int, amp_dtype: torch.dtype, sets: int = 1
+    ) -> None:
         self.pipe, self.unet, self.amp_dtype = pipe, pipe.unet, amp_dtype
         device, dtype = pipe.unet.device, pipe.unet.dtype
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         generator = torch.Generator().manual_seed(0)
-        pixels = torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1
-        self.pixels = pixels.to(device, dtype)
         config = pipe.text_encoder.config
-        shape = (batch_size, config.max_position_embeddings)
-        self.tokens = torch.randint(config.vocab_size, shape, generator=generator).to(device)
+        self.batches = []  # (pixels (B, 3, H, W), token ids (B, L)) per set
+        for _ in range(sets):
+            pixels = torch.rand(batch_size, 3, resolution, resolution, generator=generator)
+            shape = (batch_size, config.max_position_embeddings)
+            tokens = torch.randint(config.vocab_size, shape, generator=generator)
+            self.batches.append(((pixels * 2 - 1).to(device, dtype), tokens.to(device)))
+        self.weights = [1.0] * sets  # DreamBooth's λ = 1
         self.generator = generator
 
     def step(self) -> torch.Tensor:
         vae, device = self.pipe.vae, self.unet.device
+        sets = []
         with torch.no_grad():
-            latents = vae.encode(self.pixels).latent_dist.sample(self.generator)
-            text = self.pipe.text_encoder(self.tokens)[0]
+            for pixels, tokens in self.batches:
+                latents = vae.encode(pixels).latent_dist.sample(self.generator)
+                sets.append(
+                    (latents * vae.config.scaling_factor, self.pipe.text_encoder(tokens)[0])
+                )
         with torch.autocast(device.type, dtype=self.amp_dtype):
-            loss = noise_prediction_loss(
-                self.unet,
-                latents * vae.config.scaling_factor,
-                text,
-                self.pipe.scheduler,
-                self.generator,
+            loss, _ = prior_preservation_loss(
+                self.unet, self.pipe.scheduler, sets, self.weights, self.generator
             )
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -187,14 +199,16 @@ def profiled_peak(prof) -> int:
     return max(itertools.accumulate((n for _, n in changes), initial=0))
 
 
-def measure(pipe, kind: str, rank: int, checkpointing: bool, args, amp_dtype) -> dict:
+def measure(
+    pipe, kind: str, rank: int, checkpointing: bool, args, amp_dtype, sets: int = 1
+) -> dict:
     """Warm up, time args.steps steps and read the peak memory of one configuration."""
     unet, cuda = pipe.unet, pipe.unet.device.type == "cuda"
     add_adapter(unet, kind, rank)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    trainer = Trainer(pipe, args.batch_size, args.resolution, amp_dtype)
+    trainer = Trainer(pipe, args.batch_size, args.resolution, amp_dtype, sets)
     for _ in range(args.warmup):
         trainer.step()
     if cuda:
@@ -236,25 +250,30 @@ def measure(pipe, kind: str, rank: int, checkpointing: bool, args, amp_dtype) ->
 
 
 def run(args) -> list[dict]:
-    """Every adapter with and without gradient checkpointing; one row each, with its ratios."""
+    """Every step kind and adapter, with and without gradient checkpointing; one row each, with
+    its ratios to peft's LoRA on the same step and checkpointing."""
     device = torch.device("cpu" if args.dry_run else "cuda")
     amp_dtype = torch.bfloat16 if args.dry_run else torch.float16
     pipe = build_pipeline(args.dry_run and not args.full_size, device, amp_dtype)
     rows = []
-    for checkpointing in (False, True):
-        for name, (kind, rank) in ADAPTERS.items():
-            row = {"adapter": name, **measure(pipe, kind, rank, checkpointing, args, amp_dtype)}
-            rows.append(row)
-            print(
-                f"{name:<18} checkpointing={str(checkpointing):<5} {row['steps_per_s']:7.2f} "
-                f"steps/s {row['allocated_mib']:9.1f} MiB allocated (loss {row['loss']:.3f})",
-                flush=True,
-            )
+    for step, sets in STEPS.items():
+        for checkpointing in (False, True):
+            for name, (kind, rank) in ADAPTERS.items():
+                found = measure(pipe, kind, rank, checkpointing, args, amp_dtype, sets)
+                row = {"step": step, "adapter": name, **found}
+                rows.append(row)
+                print(
+                    f"{step:<10} {name:<18} checkpointing={str(checkpointing):<5} "
+                    f"{row['steps_per_s']:7.2f} steps/s {row['allocated_mib']:9.1f} MiB "
+                    f"allocated (loss {row['loss']:.3f})",
+                    flush=True,
+                )
     for row in rows:
         peft = next(
             r
             for r in rows
-            if r["adapter"] == REFERENCE and r["checkpointing"] == row["checkpointing"]
+            if (r["adapter"], r["checkpointing"], r["step"])
+            == (REFERENCE, row["checkpointing"], row["step"])
         )
         row["time_vs_peft"] = peft["steps_per_s"] / row["steps_per_s"]
         row["allocated_vs_peft"] = row["allocated_mib"] / peft["allocated_mib"]
@@ -281,6 +300,7 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     for r in rows:
         cells = [
+            r["step"],
             r["adapter"],
             "yes" if r["checkpointing"] else "no",
             f"{r['trained']:,}",
@@ -313,7 +333,9 @@ def report(rows: list[dict], args, seconds: float) -> str:
                 *table(rows),
                 "",
                 "× peft: this configuration's step time or peak memory divided by peft's LoRA r=4 "
-                "with the same gradient checkpointing setting (below 1: faster / smaller).",
+                "with the same step and gradient checkpointing setting (below 1: faster / "
+                "smaller). A DreamBooth step puts an instance and a class batch through the "
+                "U-Net together: twice the rows of a plain step.",
             ]
         )
         + "\n"

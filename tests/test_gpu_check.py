@@ -33,25 +33,30 @@ def test_dry_run_measures_every_configuration(gpu_check, tmp_path) -> None:
     header, rows = table_rows(out.read_text(encoding="utf-8"))
     assert header == gpu_check.COLUMNS
     adapters = list(gpu_check.ADAPTERS)
-    assert [(r[0], r[1]) for r in rows] == [(a, c) for c in ("no", "yes") for a in adapters]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (step, a, c) for step in ("plain", "DreamBooth") for c in ("no", "yes") for a in adapters
+    ]
     column = {name: i for i, name in enumerate(header) if name != "× peft"}
-    losses = []
+    losses = {"plain": [], "DreamBooth": []}
     for r in rows:
         steps_per_s = float(r[column["steps/s"]])
         allocated = float(r[column["peak allocated (MiB)"]])
         assert steps_per_s > 0 and math.isfinite(steps_per_s)
         assert allocated > 0 and math.isfinite(allocated)
-        time_ratio, memory_ratio = float(r[4]), float(r[6])
+        time_ratio, memory_ratio = float(r[5]), float(r[7])
         assert math.isfinite(time_ratio) and math.isfinite(memory_ratio)
-        if r[0] == gpu_check.REFERENCE:
+        if r[1] == gpu_check.REFERENCE:
             assert (time_ratio, memory_ratio) == (1.0, 1.0)
-        assert r[7] == r[8] == "—"  # no caching allocator on the CPU
-        losses.append(float(r[column["mean loss"]]))
-    # every adapter starts at ΔW = 0 and every configuration draws the same noise and timesteps,
-    # so the first step's loss is the frozen model's, the same in all six (to bf16 rounding)
-    assert all(math.isfinite(x) for x in losses)
-    assert max(losses) - min(losses) <= 1e-2 * abs(losses[0])
-    trained = {(r[0], r[1]): int(r[column["trained parameters"]].replace(",", "")) for r in rows}
+        assert r[8] == r[9] == "—"  # no caching allocator on the CPU
+        losses[r[0]].append(float(r[column["mean loss"]]))
+    # every adapter starts at ΔW = 0 and every configuration of a step draws the same noise and
+    # timesteps, so the first step's loss is the frozen model's, the same in all six (to bf16
+    # rounding); a DreamBooth step adds the class batch's loss (λ = 1): a larger loss
+    for step in losses.values():
+        assert all(math.isfinite(x) for x in step)
+        assert max(step) - min(step) <= 1e-2 * abs(step[0])
+    assert min(losses["DreamBooth"]) > max(losses["plain"])
+    trained = {(r[1], r[2]): int(r[column["trained parameters"]].replace(",", "")) for r in rows}
     assert trained[("peft LoRA r=4", "no")] == trained[("lokr_edu LoRA r=4", "no")] > 0
     assert 0 < trained[("lokr_edu LoKr r=8", "no")] < trained[("lokr_edu LoRA r=4", "no")]
 
