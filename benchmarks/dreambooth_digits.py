@@ -16,6 +16,10 @@ that file:
     python benchmarks/dreambooth_digits.py            # the whole grid, ~50 min on 2 cores
     python benchmarks/dreambooth_digits.py --quick    # a smoke test: two runs of three steps
 
+Nothing is lost if it stops: each finished run is written at once to a partial file next to
+--out (OUT.partial.json), and the next start continues from it (--fresh starts over); the
+partial file is removed when the results are written.
+
 Every run is seeded: the same machine gives the same numbers; another CPU may differ in the last
 digits (its vector units round differently), which is why the chapter reports mean ± sd.
 """
@@ -59,7 +63,25 @@ def score(rates: dict) -> float:
     return rates["concept"] if rates["preservation"] >= 0.95 else rates["concept"] - 1
 
 
-def run_grid(quick: bool = False, progress=print) -> dict:
+class Memo:
+    """Finished runs by name, kept in a JSON file as soon as each one ends (see the docstring)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.done = json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    def __call__(self, key: str, compute):
+        if key not in self.done:
+            self.done[key] = compute()
+            if self.path is not None:
+                temporary = self.path.with_suffix(".tmp")
+                temporary.write_text(json.dumps(self.done, indent=1) + "\n")
+                temporary.replace(self.path)
+        return self.done[key]
+
+
+def run_grid(quick: bool = False, progress=print, memo: Memo | None = None) -> dict:
+    memo = memo or Memo(None)
     reader = DigitReader.fit()
     steps = 3 if quick else None  # None: the recipe's
     samples = 10 if quick else 200
@@ -75,8 +97,12 @@ def run_grid(quick: bool = False, progress=print) -> dict:
     for method, grid in rates.items():
         results["learning_rates"][method] = {}
         for lr in [] if quick else grid:
-            pipe, _, _ = train_concept(method, learning_rate=lr, steps=steps)
-            found = measure_concept(pipe, reader, samples, seed=VALIDATION_SEED)
+
+            def validate(method=method, lr=lr):
+                pipe, _, _ = train_concept(method, learning_rate=lr, steps=steps)
+                return measure_concept(pipe, reader, samples, seed=VALIDATION_SEED)
+
+            found = memo(f"lr {method} {lr}", validate)
             results["learning_rates"][method][str(lr)] = found
             progress(f"{method} lr {lr:g}: {found}")
     best = {
@@ -92,28 +118,34 @@ def run_grid(quick: bool = False, progress=print) -> dict:
         plan += [(m, "prior", FEWER_STEPS) for m in CONCEPT_RECIPE]
     for method, variant, run_steps in plan:
         for seed in SEEDS[:1] if quick else SEEDS:
-            start = time.perf_counter()
-            pipe, losses, parameters = train_concept(
-                method,
-                variant,
-                seed=seed,
-                learning_rate=best[method],
-                steps=steps or run_steps,
-            )
-            seconds = time.perf_counter() - start
-            run = {"method": method, "variant": variant, "seed": seed}
-            run["steps"] = len(losses)
-            run |= measure_concept(pipe, reader, samples)
-            run |= {"train_seconds": round(seconds, 1), "parameters": parameters}
-            run["final_loss"] = statistics.fmean(losses[-20:])
-            if variant in ("prior", "caption dropout") and not quick and run_steps is None:
-                run["eta"] = {
-                    str(eta): found
-                    for eta, found in eta_sweep(
-                        pipe, ETAS, lambda p: measure_concept(p, reader, ETA_SAMPLES)
-                    ).items()
-                }
-                run["eta"]["1.0"] = {k: run[k] for k in RATES}
+
+            def one_run(method=method, variant=variant, run_steps=run_steps, seed=seed) -> dict:
+                start = time.perf_counter()
+                pipe, losses, parameters = train_concept(
+                    method,
+                    variant,
+                    seed=seed,
+                    learning_rate=best[method],
+                    steps=steps or run_steps,
+                )
+                seconds = time.perf_counter() - start
+                run = {"method": method, "variant": variant, "seed": seed}
+                run["steps"] = len(losses)
+                run |= measure_concept(pipe, reader, samples)
+                run |= {"train_seconds": round(seconds, 1), "parameters": parameters}
+                run["final_loss"] = statistics.fmean(losses[-20:])
+                if variant in ("prior", "caption dropout") and not quick and run_steps is None:
+                    run["eta"] = {
+                        str(eta): found
+                        for eta, found in eta_sweep(
+                            pipe, ETAS, lambda p: measure_concept(p, reader, ETA_SAMPLES)
+                        ).items()
+                    }
+                    run["eta"]["1.0"] = {k: run[k] for k in RATES}
+                return run
+
+            key = f"run {method} {variant} {seed} {run_steps} {best[method]}"
+            run = memo(key, one_run)
             runs.append(run)
             progress(f"{run}")
     results["runs"] = runs
@@ -148,14 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke test of a few steps")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--fresh", action="store_true", help="ignore a partial file; start over")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default 2; 1 with --quick or a busy machine)"
+    )
     args = parser.parse_args(argv)
+    partial = args.out.with_suffix(".partial.json")
+    if args.fresh:
+        partial.unlink(missing_ok=True)
     # the smoke run shares the machine with make test's other worker: one thread, no contention
-    torch.set_num_threads(1 if args.quick else 2)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     start = time.perf_counter()
-    results = run_grid(args.quick)
+    results = run_grid(args.quick, memo=None if args.quick else Memo(partial))
     results["minutes"] = round((time.perf_counter() - start) / 60, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     for (method, variant, steps), rates in summary(results).items():
         cells = "  ".join(f"{k} {m:.2f} ± {s:.2f}" for k, (m, s, n) in rates.items())
         print(f"{method:5} {variant:28} {steps:4} steps  {cells}")
