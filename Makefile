@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install course test test-fast test-full-arch test-browser slides gpu-check rehearse install-latest test-latest lint exercises notebooks clean
+.PHONY: install course test test-fast test-full-arch test-browser slides book test-book gpu-check rehearse install-latest test-latest lint exercises notebooks clean
 
 # $(call pip,VENV,ARGUMENTS): pip install into VENV, quiet, without what is known to be harmless;
 # real warnings and errors still print (after pip ends; all of it is in VENV/pip.log), and the
@@ -62,6 +62,25 @@ slides: $(INSTALLED)
 # screenshots in build/screenshots/.
 test-browser: $(INSTALLED)
 	$(BIN)/python tools/browser_test.py
+
+# The course as a static website in build/book/ (tools/book.py; Sphinx with myst-nb, the [book]
+# extra): the committed notebooks as they are, nothing re-executed; it opens from disk and loads
+# nothing from the network (MathJax from npm as for make slides, once, into build/vendor/).
+# `make book SOLUTIONS=no` leaves the solution notebooks out.
+BOOK_INSTALLED := $(VENV)/.installed-book
+$(BOOK_INSTALLED): $(INSTALLED)
+	@echo "Installing the [book] extra into $(VENV) (once)"
+	@$(call pip,$(VENV),-c constraints.txt -e '.[book]')
+	@touch $(BOOK_INSTALLED)
+
+book: $(BOOK_INSTALLED)
+	$(BIN)/python tools/book.py build $(if $(filter no,$(SOLUTIONS)),--no-solutions)
+
+# Opt-in: the built book in headless Chromium (Debian's chromium, as test-browser), from disk and
+# over http.server: every page of its table of contents, figures, formulas, search, no request to
+# the network; screenshots in build/screenshots/.
+test-book: book
+	$(BIN)/python tools/book.py test
 
 # On a CUDA GPU: SD1.5 training steps/s and peak memory, lokr_edu vs peft (benchmarks/README.md).
 # No install step (make install pins the CPU torch): install the CUDA build of torch, then

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lokr_edu.sd15 import MODEL_ID
+from lokr_edu.validate import require_int
 
 __all__ = [
     "ImageCaptionFolder",
@@ -180,6 +181,9 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     uses, crops at a random place (unless center_crop, diffusers' --center_crop) and flips with
     probability ½ (with random_flip, diffusers' --random_flip), drawing from `generator`, so a
     resumed run draws the same crops as an uninterrupted one.
+    caption: one caption for every image (diffusers' --instance_prompt); the .txt files are then
+    neither needed nor read. limit: only the first `limit` images, in name order (diffusers'
+    --num_class_images reads that many of a class folder).
     Every file is checked at construction, before any model is loaded: an image PIL cannot
     decode, a caption file that is missing, empty or not UTF-8 text is a ValueError naming
     each such file. Defined in chapter 07.
@@ -193,6 +197,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         *,
         center_crop: bool = False,
         random_flip: bool = False,
+        caption: str | None = None,
+        limit: int | None = None,
     ) -> None:
         from PIL import Image
 
@@ -204,17 +210,24 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 f"resolution must be a positive multiple of {multiple} (the VAE downsamples by "
                 f"{multiple}), got {resolution}"
             )
+        if caption is not None and (not isinstance(caption, str) or not caption.strip()):
+            raise ValueError(f"caption: give a non-empty caption (or None), got {caption!r}")
+        if limit is not None:
+            require_int("limit", limit)
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise ValueError(f"folder: {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         problems, self.items = [], []
-        for path in images:
+        for path in images[:limit]:
             text = path.with_suffix(".txt")
             try:
                 with Image.open(path) as image:
                     image.load()  # decodes it all: a truncated file fails here, not at step 900
             except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad files
                 problems.append(f"{path}: not a readable image ({type(error).__name__}: {error})")
+            if caption is not None:
+                self.items.append((path, caption.strip()))
+                continue
             if not text.exists():
                 problems.append(f"{path.name} has no caption ({text.name})")
                 continue
