@@ -241,6 +241,11 @@ class TrainConfig:
             problems.append(f"caption_dropout must be in [0, 1), got {dropout!r}")
         if self.report_to not in REPORT_TO:
             problems.append(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
+        elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            problems.append(
+                f"report_to {self.report_to!r} needs the {self.report_to} package: "
+                f"pip install {self.report_to}"
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(
                 f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}"
@@ -424,13 +429,8 @@ def _accelerator(config: TrainConfig, project_dir: Path | None = None):
     from accelerate import Accelerator
 
     tracker = None if config.report_to == "none" else config.report_to
-    if tracker is not None:
-        if project_dir is None:
-            raise ValueError(f"report_to {tracker!r}: give checkpoint_dir, where its logs go")
-        if importlib.util.find_spec(tracker) is None:
-            raise ValueError(
-                f"report_to {tracker!r} needs the {tracker} package: pip install {tracker}"
-            )
+    if tracker is not None and project_dir is None:
+        raise ValueError(f"report_to {tracker!r}: give checkpoint_dir, where its logs go")
     accelerator = Accelerator(
         mixed_precision="no",
         gradient_accumulation_steps=config.gradient_accumulation_steps,
