@@ -97,6 +97,15 @@ CHAPTERS: list[Chapter] = [
         167,
         "exercises/07_stable_diffusion_lokr_exercises.ipynb",
     ),
+    Chapter(
+        "08",
+        "Your own concept on Stable Diffusion 1.5",
+        "notebooks/08_your_own_concept.ipynb",
+        ("lokr_edu/sd_class_images.py", "lokr_edu/sd_recipes.py"),
+        "GPU for SD1.5; a stand-in on CPU",
+        32,
+        None,  # a lab on the student's own images; chapter 07's exercises cover its parts
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Rehearse chapter 07's GPU path on the CPU, at SD1.5's full size: `make rehearse`.
+"""Rehearse the course's GPU path on the CPU, at SD1.5's full size: `make rehearse`.
 
 Nothing is downloaded: SD1.5 is built from its published configs with random weights
 (`lokr_edu.sd15.save_random_pipeline`, bf16, saved once and read by every stage). Stages:
@@ -11,8 +11,11 @@ Nothing is downloaded: SD1.5 is built from its published configs with random wei
        LoKr: lokr_edu.load_adapter) and draws the training run's last sample grid again (same
        seed, `lokr_edu.diffusion.sample_grid`): equal within RELOAD_TOLERANCE, while the
        base model's grid differs from it by more.
-    c  chapter 07 in full mode on that folder, on the CPU, through its LOKR_EDU_* environment
-       variables (a small image folder is written for it): every cell must run.
+    c  chapter 08 (your own concept on SD1.5) on that folder, on the CPU, through its LOKR_EDU_*
+       environment variables (64 px, bf16, 2 steps, 2 class images, a checkpoint every step; a
+       small captioned image folder is written for it): it must run SD1.5, not its stand-in,
+       every cell must run, and the runs must leave their files (class images, log.csv, each
+       checkpoint's export, sample grids).
     d  the README's multi-GPU command with two CPU processes (gloo) on the tiny model of
        chapter 07: the loss falls, the checkpoint and export are written once, by the main
        process, and the adapter matches a single-process run at the same global batch.
@@ -299,29 +302,35 @@ def stage_reload(work: Path, model: Path) -> Stage:
     return stage
 
 
-NOTEBOOK = REPO / "notebooks" / "07_stable_diffusion_lokr.ipynb"
+NOTEBOOK = REPO / "notebooks" / "08_your_own_concept.ipynb"
+NOTEBOOK_STEPS, NOTEBOOK_CLASS_IMAGES = 2, 2
 
 
 def stage_notebook(work: Path, model: Path, notebook: Path = NOTEBOOK) -> Stage:
     import nbformat
 
-    stage = Stage("c: chapter 07 in full mode on the CPU")
-    data = write_images(work / "ch07_data", 8, [f"a photo of {TRIGGER} dog"])
+    stage = Stage("c: chapter 08 on SD1.5 (your own concept) on the CPU")
+    data = write_images(work / "ch08_data", 4, [f"a photo of {TRIGGER} dog"])
+    runs = work / "ch08_runs"
     env = {
-        "LOKR_EDU_MODE": "full",
         "LOKR_EDU_SD15": str(model),
-        "LOKR_EDU_DATA": str(data),
+        "LOKR_EDU_INSTANCE_DATA": str(data),
         "LOKR_EDU_TRIGGER": TRIGGER,
-        "LOKR_EDU_PROMPTS": f"a photo of {TRIGGER} dog|a painting of a house",
+        "LOKR_EDU_CLASS_PROMPT": "a photo of a dog",
+        "LOKR_EDU_PROMPTS": f"a photo of {TRIGGER} dog|a painting of {TRIGGER} dog",
+        "LOKR_EDU_CLASS_IMAGES": str(NOTEBOOK_CLASS_IMAGES),
+        "LOKR_EDU_METHODS": "lokr,lora",
         "LOKR_EDU_DEVICE": "cpu",
         "LOKR_EDU_MIXED_PRECISION": "bf16",
         "LOKR_EDU_RESOLUTION": str(RESOLUTION),
-        "LOKR_EDU_STEPS": "2",
+        "LOKR_EDU_STEPS": str(NOTEBOOK_STEPS),
+        "LOKR_EDU_CHECKPOINT_EVERY": "1",
         "LOKR_EDU_SAMPLE_STEPS": "2",
+        "LOKR_EDU_OUTPUT": str(runs),
     }
-    out, log = work / "course", work / "ch07.log"
+    out, log = work / "course", work / "ch08.log"
     command = [PYTHON, "-m", "lokr_edu.course", "run", "--out", str(out), str(notebook)]
-    status = run(stage, command, log, env=env, timeout=1200)
+    status = run(stage, command, log, env=env, timeout=1800)
     executed = out / "notebooks" / notebook.name
     if status != 0 or not executed.is_file():
         stage.check(False, f"{notebook} did not run to the end (status {status}): {tail(log, 2)}")
@@ -334,6 +343,31 @@ def stage_notebook(work: Path, model: Path, notebook: Path = NOTEBOOK) -> Stage:
         len(ran) == len(code) and not errors,
         f"{len(ran)}/{len(code)} code cells ran, {len(errors)} with an error ({executed})",
     )
+    first = "".join(o.get("text", "") for o in code[0].get("outputs", [])).splitlines()
+    stage.check(
+        bool(first) and first[0].startswith("model: Stable Diffusion 1.5"),
+        f"it ran SD1.5, not the stand-in: {first[0] if first else 'no output'!r}",
+    )
+    classes = sorted((runs / "class_images").glob("*.png")) if runs.is_dir() else []
+    stage.check(
+        len(classes) == NOTEBOOK_CLASS_IMAGES,
+        f"{len(classes)} class images in {runs / 'class_images'}",
+    )
+    for method in ("lokr", "lora"):
+        folder = runs / method
+        files = ["log.csv"] + [
+            f"{kind}/step_{step:06d}{name}"
+            for step in range(1, NOTEBOOK_STEPS + 1)
+            for kind, name in (("checkpoints", "/adapter.safetensors"), ("samples", ".png"))
+        ]
+        if method == "lora":  # and diffusers' file
+            files.append(f"checkpoints/step_{NOTEBOOK_STEPS:06d}/pytorch_lora_weights.safetensors")
+        missing = [name for name in files if not (folder / name).is_file()]
+        stage.check(
+            not missing,
+            f"{method}: {len(files) - len(missing)}/{len(files)} files in "
+            f"{folder} (log.csv, each checkpoint's export and sample grid){missing or ''}",
+        )
     return stage
 
 
@@ -436,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--stages", default="abcd", help="which stages to run (default abcd)")
-    parser.add_argument("--notebook", type=Path, default=NOTEBOOK, help="chapter 07 (stage c)")
+    parser.add_argument("--notebook", type=Path, default=NOTEBOOK, help="chapter 08 (stage c)")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="lokr-edu-rehearse-"))
     work.mkdir(parents=True, exist_ok=True)
