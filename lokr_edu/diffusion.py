@@ -724,9 +724,9 @@ def train(
             bar.set_postfix(loss=f"{recent:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == end):
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(checkpoint, unet, optimizer, config, done, lr_scheduler, loss_scale)
+            if accelerator.is_main_process:  # the export first: a checkpoint's step has one
                 _export_step(pipe, folder / STEP_FOLDERS, done, config.checkpoints_total_limit)
+                save_checkpoint(checkpoint, unet, optimizer, config, done, lr_scheduler, loss_scale)
             saved = done
         sample_now = config.sample_every and (
             done % config.sample_every == 0 or done == config.steps

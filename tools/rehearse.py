@@ -3,10 +3,12 @@
 Nothing is downloaded: SD1.5 is built from its published configs with random weights
 (`lokr_edu.sd15.save_random_pipeline`, bf16, saved once and read by every stage). Stages:
 
-    a  python -m lokr_edu.train on that folder, LoKr r8 and LoRA r4, --mixed-precision bf16
-       --gradient-checkpointing, 64 px, 4 steps, checkpoints and samples; each run once
-       straight, once killed (SIGKILL) after its step-2 checkpoint and resumed with --resume;
-       the resumed adapter must equal the straight one bit for bit.
+    a  python -m lokr_edu.train on that folder, DreamBooth with prior preservation (class
+       images drawn by the pipeline at 64 px before the first run, reused by every later one),
+       LoKr r8 and LoRA r4, --mixed-precision bf16 --gradient-checkpointing, 64 px, 4 steps,
+       checkpoints (each exporting the adapter), log.csv and samples; each run once straight,
+       once killed (SIGKILL) after its step-2 checkpoint and resumed with --resume; the resumed
+       checkpoint, exports and log must equal the straight run's bit for bit.
     b  a fresh pipeline loads each exported adapter (LoRA: diffusers' pipe.load_lora_weights;
        LoKr: lokr_edu.load_adapter) and draws the training run's last sample grid again (same
        seed, `lokr_edu.diffusion.sample_grid`): equal within RELOAD_TOLERANCE, while the
@@ -44,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STEPS, RESOLUTION, PROMPT, TRIGGER = 4, 64, "a photo of sks dog", "sks"
+CLASS_PROMPT, CLASS_IMAGES = "a photo of a dog", 2  # stage a's DreamBooth prior
 # Pixel differences allowed between the run's last grid and the reloaded adapter's (8-bit
 # images in [0, 1]): the run drew its grid with the factors in fp32 (training), the exported file
 # holds them in bf16 (the pipeline's dtype after training), and at full size that moves a few
@@ -202,7 +205,9 @@ def stage_build(work: Path) -> tuple[Stage, Path]:
     return stage, model
 
 
-def train_command(model: Path, data: Path, output: Path, method: str, *extra: str) -> list[str]:
+def train_command(
+    model: Path, data: Path, output: Path, method: str, classes: Path, *extra: str
+) -> list[str]:
     rank = {"lokr": "8", "lora": "4"}[method]
     return [
         *(PYTHON, "-m", "lokr_edu.train", "--model", str(model), "--data", str(data)),
@@ -212,23 +217,39 @@ def train_command(model: Path, data: Path, output: Path, method: str, *extra: st
         *("--mixed-precision", "bf16", "--gradient-checkpointing"),
         *("--sample-every", str(STEPS), "--sample-prompt", PROMPT),
         *("--sample-inference-steps", "2", "--seed", "0"),
+        *("--with-prior-preservation", "--class-prompt", CLASS_PROMPT),
+        *("--class-data", str(classes), "--num-class-images", str(CLASS_IMAGES)),
         *extra,
     ]
 
 
+def class_images(folder: Path) -> dict[str, int]:
+    """{file name: modification time in ns} of the class images in folder."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.png"))}
+
+
 def stage_train(work: Path, model: Path) -> Stage:
-    stage = Stage("a: train LoKr and LoRA (bf16, checkpointing), kill, resume")
+    stage = Stage("a: DreamBooth, LoKr and LoRA (bf16, checkpointing), kill, resume")
     data = write_images(work / "data", 8, [f"a photo of {TRIGGER} dog", f"a {TRIGGER} cat"])
+    classes = work / "class_images"
+    drawn: dict[str, int] = {}
     for method in ("lokr", "lora"):
         straight, parts = work / "runs" / method / "straight", work / "runs" / method / "resumed"
-        status = run(stage, train_command(model, data, straight, method), work / f"{method}.log")
+        command = train_command(model, data, straight, method, classes)
+        status = run(stage, command, work / f"{method}.log")
         stage.check(
             status == 0, f"{method}: {STEPS} steps straight ({tail(work / f'{method}.log', 2)})"
         )
+        if not drawn:  # the first run drew the class images; every later run must reuse them
+            drawn = class_images(classes)
+            stage.check(
+                len(drawn) == CLASS_IMAGES,
+                f"{len(drawn)} class images drawn by the pipeline for {CLASS_PROMPT!r}",
+            )
         checkpoint = parts / "checkpoint.safetensors"
         status = run(
             stage,
-            train_command(model, data, parts, method),
+            train_command(model, data, parts, method, classes),
             work / f"{method}.killed.log",
             kill_when=lambda c=checkpoint: checkpoint_step(c) >= 2,
         )
@@ -238,18 +259,28 @@ def stage_train(work: Path, model: Path) -> Stage:
             f"{method}: killed (status {status}) after its step-{killed_at} checkpoint",
         )
         log = work / f"{method}.resumed.log"
-        status = run(stage, train_command(model, data, parts, method, "--resume"), log)
+        status = run(stage, train_command(model, data, parts, method, classes, "--resume"), log)
         stage.check(status == 0, f"{method}: resumed to step {STEPS} ({tail(log, 1)})")
         files = ["checkpoint.safetensors", "adapter.safetensors"]
         files += ["pytorch_lora_weights.safetensors"] if method == "lora" else []
+        files += [f"checkpoints/step_{step:06d}/adapter.safetensors" for step in (2, STEPS)]
         for name in files:
             exists = (straight / name).is_file() and (parts / name).is_file()
             equal, largest = same_tensors(straight / name, parts / name) if exists else (False, -1)
             stage.check(
                 equal, f"{method}: resumed {name} == straight, bit for bit (max |Δ| {largest:g})"
             )
+        logs = [(folder / "log.csv").read_text() for folder in (straight, parts)]
+        rows = logs[0].splitlines()[1:]
+        stage.check(
+            logs[0] == logs[1] and len(rows) == STEPS and all(r.split(",")[3] for r in rows),
+            f"{method}: log.csv of the resumed run == straight, {len(rows)} rows with a prior loss",
+        )
         sample = straight / "samples" / f"step_{STEPS:06d}.png"
         stage.check(sample.is_file(), f"{method}: sample grid {sample.relative_to(work)}")
+    stage.check(
+        class_images(classes) == drawn, f"the {len(drawn)} class images reused by all 6 runs"
+    )
     return stage
 
 
