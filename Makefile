@@ -88,9 +88,9 @@ test-book: book
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py
 
-# Opt-in: chapter 07's GPU path rehearsed on the CPU at full SD1.5 size (random weights, offline):
-# train / kill / resume, reload of the exported adapters, chapter 07 in full mode, 2-process
-# accelerate launch. About a quarter of an hour on 2 cores, 5 GB of memory, 3 GB of disk.
+# Opt-in: the course's GPU path rehearsed on the CPU at full SD1.5 size (random weights, offline):
+# DreamBooth train / kill / resume, reload of the exported adapters, chapter 08 on SD1.5, 2-process
+# accelerate launch. About a quarter of an hour on 2 cores, 10 GB of memory, 3 GB of disk.
 rehearse: $(INSTALLED)
 	$(BIN)/python tools/rehearse.py
 
