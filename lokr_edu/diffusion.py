@@ -708,7 +708,8 @@ def train(
             raise FloatingPointError(_diverged(step + 1, float(loss), checkpoint, saved))
         losses.append(loss)
         done = step + 1
-        if log is not None or config.report_to != "none":  # the loss is on the host already
+        if folder is not None or config.report_to != "none":  # the loss is on the host already
+            # a collective: every process reduces, the main one writes
             per_set = accelerator.reduce(torch.stack(micro_sets).mean(dim=0), reduction="mean")
             values = [float(loss), *per_set.tolist(), None][:3]
             row = dict(zip(LOG_COLUMNS, [done, *values, learning_rate], strict=True))
