@@ -84,7 +84,7 @@ CHAPTERS: list[Chapter] = [
     ),
     Chapter(
         "07",
-        "Fine-tuning Stable Diffusion 1.5",
+        "DreamBooth on a tiny Stable Diffusion",
         "notebooks/07_stable_diffusion_lokr.ipynb",
         (
             "lokr_edu/diffusion.py",
@@ -93,7 +93,7 @@ CHAPTERS: list[Chapter] = [
             "lokr_edu/digits_sd.py",
             "lokr_edu/train.py",
         ),
-        "GPU for the full run; tiny mode on CPU",
+        "CPU",
         167,
         "exercises/07_stable_diffusion_lokr_exercises.ipynb",
     ),
