@@ -27,14 +27,14 @@ class Chapter:
 
 
 CHAPTERS: list[Chapter] = [
-    Chapter("00", "Setup", "notebooks/00_setup.ipynb", (), "nothing", 6, None),
+    Chapter("00", "Setup", "notebooks/00_setup.ipynb", (), "nothing", 4, None),
     Chapter(
         "01",
         "The Kronecker product",
         "notebooks/01_kronecker_product.ipynb",
         ("lokr_edu/kron.py",),
         "CPU",
-        14,
+        12,
         "exercises/01_kronecker_product_exercises.ipynb",
     ),
     Chapter(
@@ -43,7 +43,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/02_peft_and_lora.ipynb",
         ("lokr_edu/lowrank.py",),
         "CPU",
-        15,
+        16,
         "exercises/02_peft_and_lora_exercises.ipynb",
     ),
     Chapter(
@@ -52,7 +52,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/03_loha_and_lokr.ipynb",
         ("lokr_edu/lowrank.py", "lokr_edu/sd15.py"),
         "CPU",
-        29,
+        38,
         "exercises/03_loha_and_lokr_exercises.ipynb",
     ),
     Chapter(
@@ -70,7 +70,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/05_finetune_on_cpu.ipynb",
         ("lokr_edu/toy.py",),
         "CPU",
-        64,
+        73,
         "exercises/05_finetune_on_cpu_exercises.ipynb",
     ),
     Chapter(
@@ -79,7 +79,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/06_attention_and_lora.ipynb",
         ("lokr_edu/attention.py",),
         "CPU",
-        17,
+        14,
         "exercises/06_attention_and_lora_exercises.ipynb",
     ),
     Chapter(
@@ -94,7 +94,7 @@ CHAPTERS: list[Chapter] = [
             "lokr_edu/train.py",
         ),
         "CPU",
-        167,
+        309,
         "exercises/07_stable_diffusion_lokr_exercises.ipynb",
     ),
     Chapter(
@@ -103,7 +103,7 @@ CHAPTERS: list[Chapter] = [
         "notebooks/08_your_own_concept.ipynb",
         ("lokr_edu/sd_class_images.py", "lokr_edu/sd_recipes.py"),
         "GPU for SD1.5; a stand-in on CPU",
-        32,
+        40,
         None,  # a lab on the student's own images; chapter 07's exercises cover its parts
     ),
 ]
