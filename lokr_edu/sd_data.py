@@ -225,20 +225,20 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                     image.load()  # decodes it all: a truncated file fails here, not at step 900
             except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad files
                 problems.append(f"{path}: not a readable image ({type(error).__name__}: {error})")
-            if caption is not None:
+            if caption is not None:  # one caption for every image: no .txt files read
                 self.items.append((path, caption.strip()))
                 continue
             if not text.exists():
                 problems.append(f"{path.name} has no caption ({text.name})")
                 continue
             try:
-                caption = text.read_text(encoding="utf-8").strip()
+                own = text.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as error:
                 problems.append(f"{text}: caption not readable as UTF-8 text ({error})")
                 continue
-            if not caption:
+            if not own:
                 problems.append(f"{text}: empty caption")
-            self.items.append((path, caption))
+            self.items.append((path, own))
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise ValueError(f"folder {folder}: " + "; ".join(problems[:5]) + more)
