@@ -1,14 +1,20 @@
 """The exercise pipeline: exercises/ is generated from solutions/, and each exercise fails, alone,
-with its NotImplementedError until the student fills it in."""
+with its NotImplementedError until the student fills it in; what a student sees when a check
+fails (one line, no frame of the checks' own code; their own lines when their code crashes)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
 from nbclient import NotebookClient
+from traitlets.config import Config
 
+from lokr_edu.checks import CheckError
+from lokr_edu.checks.common import not_answered, prediction_pair
 from lokr_edu.course import repository_root
 from lokr_edu.exercises import (
     TITLE,
@@ -129,3 +135,132 @@ def test_exercise_notebook_as_shipped_fails_exactly_at_its_exercises(solution: P
     for index, title in expected.items():
         ename, evalue = failed[index]
         assert ename == "NotImplementedError" and evalue.startswith(title), (ename, evalue)
+
+
+# --- what a student sees -------------------------------------------------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+CHECKS_CODE = "lokr_edu/checks"  # the checks' own files: never in what the student sees
+BLANK_KRON = """def my_kron(A, B):
+    raise NotImplementedError("Exercise 1.1: the Kronecker product (replace this line)")
+
+
+checks.check_kron(my_kron)"""
+
+
+@pytest.fixture(scope="module")
+def shell():
+    """An IPython shell, as a notebook's kernel runs cells (no colours, history in memory)."""
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ipython = InteractiveShell.instance(config=config, colors="nocolor")
+    assert ipython.run_cell("import torch\nfrom lokr_edu import checks").success
+    yield ipython
+    InteractiveShell.clear_instance()
+
+
+def shown(shell: InteractiveShell, capsys, source: str) -> tuple[BaseException, list[str]]:
+    """Run a cell that fails; return its error and the lines IPython printed for it."""
+    capsys.readouterr()
+    result = shell.run_cell(source)
+    assert not result.success, "the cell was expected to fail"
+    text = ANSI.sub("", capsys.readouterr().out)
+    return result.error_in_exec, [line for line in text.splitlines() if line.strip()]
+
+
+def test_a_blank_exercise_is_one_line_through_the_check(shell, capsys) -> None:
+    error, lines = shown(shell, capsys, BLANK_KRON)
+    assert type(error) is NotImplementedError  # what graders and tests read is unchanged
+    assert lines == ["✗ not done yet: Exercise 1.1: the Kronecker product (replace this line)"]
+
+
+def test_an_answer_left_as_none_is_one_line(shell, capsys) -> None:
+    source = (
+        "def check(value):\n"
+        "    if value is None:\n"
+        "        raise not_answered('Exercise 9.1: predict (write your prediction)')\n"
+        "check(None)"
+    )
+    shell.user_ns["not_answered"] = not_answered
+    error, lines = shown(shell, capsys, source)
+    assert type(error) is NotImplementedError
+    assert lines == ["✗ not done yet: Exercise 9.1: predict (write your prediction)"]
+
+
+def test_a_wrong_answer_is_one_line_naming_the_mistake(shell, capsys) -> None:
+    source = (
+        "def my_kron(A, B):\n"
+        "    return torch.zeros(A.shape[0] * B.shape[0], A.shape[1] * B.shape[1],"
+        " dtype=A.dtype)\n"
+        "checks.check_kron(my_kron)"
+    )
+    error, lines = shown(shell, capsys, source)
+    assert isinstance(error, CheckError)
+    assert len(lines) == 1 and lines[0].startswith("✗ kron is wrong for A 2×3 and B 3×4"), lines
+    assert lines[0] == f"✗ {error}"
+
+
+def test_a_wrong_shape_raised_by_a_shared_helper_is_one_line(shell, capsys) -> None:
+    source = "def my_kron(A, B):\n    return A\nchecks.check_kron(my_kron)"
+    error, lines = shown(shell, capsys, source)
+    assert isinstance(error, CheckError)
+    assert lines == [f"✗ {error}"] and "returned shape (2, 3)" in lines[0]
+
+
+def test_a_crash_in_the_students_code_shows_their_lines_and_no_checks_frame(shell, capsys) -> None:
+    source = (
+        "def my_kron(A, B):\n"
+        "    blocks = A.shape[0]\n"
+        "    return helper(A, B)\n"
+        "def helper(A, B):\n"
+        "    return A + 'x'\n"
+        "checks.check_kron(my_kron)"
+    )
+    error, lines = shown(shell, capsys, source)
+    assert isinstance(error, CheckError) and isinstance(error.__cause__, TypeError)
+    text = "\n".join(lines)
+    assert CHECKS_CODE not in text and "call_student" not in text, text
+    assert "in my_kron(A, B)" in text and "in helper(A, B)" in text, text
+    assert "---->" in text and "return A + 'x'" in text, text  # the student's failing line
+    assert lines[-2].startswith("TypeError: unsupported operand")
+    assert lines[-1].startswith("✗ kron raised TypeError for A 2×3 and B 3×4: unsupported")
+
+
+def test_another_not_implemented_error_in_the_students_code_shows_their_lines(
+    shell, capsys
+) -> None:
+    source = (
+        "def my_kron(A, B):\n"
+        "    raise NotImplementedError('this dtype is not supported')\n"
+        "checks.check_kron(my_kron)"
+    )
+    error, lines = shown(shell, capsys, source)
+    assert type(error) is NotImplementedError
+    text = "\n".join(lines)
+    assert CHECKS_CODE not in text and "in my_kron(A, B)" in text, text
+    assert lines[-1] == "NotImplementedError: this dtype is not supported"
+
+
+def test_an_error_outside_the_checks_keeps_ipythons_traceback(shell, capsys) -> None:
+    error, lines = shown(shell, capsys, "def f():\n    return 1 / 0\nf()")
+    assert isinstance(error, ZeroDivisionError)
+    text = "\n".join(lines)
+    assert "Traceback (most recent call last)" in text and "in f()" in text, text
+
+
+# --- predictions written as a pair -------------------------------------------------------------
+
+
+def is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+@pytest.mark.parametrize("pair", [(True, False), [True, False]], ids=["tuple", "list"])
+def test_a_prediction_pair_is_a_tuple_or_a_list(pair) -> None:
+    assert prediction_pair(pair, is_bool, "two booleans, (a, b)") == (True, False)
+
+
+@pytest.mark.parametrize("wrong", [(True,), [True, False, True], ("yes", "no"), True, None])
+def test_anything_else_is_not_a_prediction_pair(wrong) -> None:
+    with pytest.raises(CheckError, match=r"write your prediction as two booleans, \(a, b\), got"):
+        prediction_pair(wrong, is_bool, "two booleans, (a, b)")
