@@ -30,6 +30,11 @@ def kron_wrong_column_order(A, B):  # merges columns as (l, j) instead of (j, l)
     return (A[:, None, None, :] * B[None, :, :, None]).reshape(m * p, n * q)
 
 
+def kron_indices_a_first(A, B):  # the 4-D product indexed [i, j, k, l], then reshaped
+    (m, n), (p, q) = A.shape, B.shape
+    return (A[:, :, None, None] * B[None, None, :, :]).reshape(m * p, n * q)
+
+
 def kron_wrong_shape(A, B):
     return (A[:, None, :, None] * B[None, :, None, :]).reshape(A.shape[0] * B.shape[0], -1).T
 
@@ -56,7 +61,7 @@ def rank_absolute_tolerance(M, rtol):  # forgets to scale by σ_max
     return int((s > rtol).sum())
 
 
-def rank_forgets_zero_matrix(M, rtol):  # the zero matrix has σ_max = 0: everything is "> 0·rtol"?
+def rank_forgets_zero_matrix(M, rtol):  # ≥ instead of >: on the zero matrix every σ is ≥ 0·rtol
     s = torch.linalg.svdvals(M)
     return int((s >= rtol * s[0]).sum())
 
@@ -167,6 +172,7 @@ CASES = [
         [
             (kron_swapped, "computed B ⊗ A"),
             (kron_wrong_column_order, "at entry"),
+            (kron_indices_a_first, "merged the indices in the order [i, j, k, l]"),
             (kron_wrong_shape, "returned shape"),
             (kron_via_torch, "called torch.kron"),
         ],
@@ -188,7 +194,7 @@ CASES = [
             (rank_returns_tensor, "must return a Python int"),
             (rank_returns_0d_tensor, "must return a Python int, got Tensor"),
             (rank_returns_float, "must return a Python int, got float"),
-            (rank_forgets_zero_matrix, "the zero matrix has rank 0"),
+            (rank_forgets_zero_matrix, "the zero matrix has rank 0: count σ strictly greater"),
         ],
     ),
     (

@@ -73,6 +73,14 @@ def check_kron(kron: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> No
                 f"kron computed B ⊗ A {context}: block (i, j) of A ⊗ B is A[i, j]·B, "
                 "so the outer loop runs over the entries of A"
             )
+        # the 4-D product indexed [i, j, k, l] (A's indices first): right shape, wrong order
+        a_first = (A[:, :, None, None] * B[None, None, :, :]).reshape(m * p, n * q)
+        if torch.allclose(got, a_first):
+            raise CheckError(
+                f"kron merged the indices in the order [i, j, k, l] {context}: row i·p + k "
+                "needs i and k side by side, so index the 4-D product as [i, k, j, l] "
+                "(A[:, None, :, None] * B[None, :, None, :]) before the reshape"
+            )
         r, c = (torch.isclose(got, want) == 0).nonzero()[0].tolist()
         i, k, j, l = r // p, r % p, c // q, c % q
         raise CheckError(
@@ -139,7 +147,8 @@ def check_numerical_rank(numerical_rank: Callable[[torch.Tensor, float], int]) -
             )
         if got != want:
             hint = (
-                "the zero matrix has rank 0 (guard against σ_max = 0)"
+                "the zero matrix has rank 0: count σ strictly greater than rtol·σ_max, since "
+                "with σ_max = 0 every σ satisfies σ ≥ rtol·σ_max"
                 if not values
                 else f"the tolerance is relative: count σ > rtol·σ_max = {rtol * max(values):.3g}"
             )
