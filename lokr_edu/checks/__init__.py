@@ -1,7 +1,8 @@
 """The checks that exercise notebooks call: `from lokr_edu import checks; checks.check_kron(f)`.
 
 One module per chapter; every check is re-exported here, so notebooks only need `checks.NAME`.
-A check prints one line starting with ✓, or raises `CheckError` saying what is wrong.
+A check prints one line starting with ✓, or raises `CheckError` saying what is wrong, which a
+notebook shows as one line starting with ✗ (`checks.common` says how).
 """
 
 from lokr_edu.checks import ch01, ch02, ch03, ch04, ch05, ch06, ch07
