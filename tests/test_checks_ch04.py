@@ -168,6 +168,18 @@ CASES = [
             ),
             (lambda state, module: ("lora", split(state, module)[1]), "expected 'loha'"),
             (lambda state, module: split(state, module)[1], "must return (method, tensors)"),
+            (
+                lambda state, module: (
+                    split(state, module)[0],
+                    {
+                        k.removeprefix(module + "."): v
+                        for k, v in state.items()
+                        if k.startswith(module)  # no dot: 'lycoris_1' also matches 'lycoris_10'
+                    },
+                ),
+                "the tensors of 'lycoris_10' got in",
+            ),
+            (lambda state, module: split(state, module, sep=""), "plus the dot, 'lycoris_1.'"),
         ],
     ),
     (
@@ -354,6 +366,17 @@ class UnmergeWithNewStrength(MergeableLoRA):
             self.merge()
 
 
+class MergeOnTopOfMerge(UnmergeFixed):
+    """set_strength re-merges the new η without taking the old η·ΔW out first."""
+
+    def set_strength(self, eta: float) -> None:
+        was_merged = self.merged_eta is not None
+        self.strength = eta
+        if was_merged:
+            self.merged_eta = None
+            self.merge()
+
+
 class NoBiasWhenMerged(MergeableLoRA):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_eta is not None:
@@ -372,6 +395,7 @@ CASES += [
             (UnmergeFixed, "must take the old η·ΔW out of the weight"),
             (BranchWhenMerged, "η·ΔW is counted twice"),
             (UnmergeTwice, "the base weight did not come back"),
+            (MergeOnTopOfMerge, "the weight holds W + 1.3·ΔW, the old 1·ΔW plus the new 0.3·ΔW"),
             (NoBiasWhenMerged, "expected the output of base weight W + 1·ΔW"),
         ],
     ),

@@ -154,42 +154,80 @@ def _adapter_file(method: str, module: str, seed: int) -> dict[str, torch.Tensor
     }
 
 
+def _holds_tensors_of(tensors: object, state: dict, module: str) -> bool:
+    """Whether the dict `tensors` holds one of `module`'s factors (alpha aside) from `state`."""
+    if not isinstance(tensors, dict):
+        return False
+    theirs = [v for k, v in state.items() if k.startswith(module + ".") and v.dim() > 0]
+    return any(
+        isinstance(mine, torch.Tensor) and mine.shape == v.shape and torch.equal(mine, v)
+        for mine in tensors.values()
+        for v in theirs
+    )
+
+
+# (the module to read, the other modules in the file): kohya keys, then LyCORIS keys of a plain
+# nn.Sequential, where 'lycoris_1' is also the start of 'lycoris_10' and 'lycoris_11'
+SPLIT_FILES = [
+    (
+        "lora_te_text_model_encoder_layers_1_mlp_fc1",
+        [
+            "lora_te_text_model_encoder_layers_11_mlp_fc1",
+            "lora_unet_mid_block_attentions_0_proj_in",
+        ],
+    ),
+    ("lycoris_1", ["lycoris_10", "lycoris_11", "lycoris_0"]),
+]
+
+
 def check_split_adapter(split_adapter: Callable[[dict, str], tuple[str, dict]]) -> None:
     """Exercise 4.4: pick one module's tensors out of a kohya file and name its method."""
-    wanted = "lora_te_text_model_encoder_layers_1_mlp_fc1"
-    for method in ["lora", "loha", "lokr"]:
-        state = {
-            **_adapter_file(method, wanted, seed=1),
-            **_adapter_file(method, wanted.replace("layers_1_", "layers_11_"), seed=2),
-            **_adapter_file(method, "lora_unet_mid_block_attentions_0_proj_in", seed=3),
-        }
-        want = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(wanted + ".")}
-        context = f"for a {method} file and module {wanted!r}"
-        got = call_student("split_adapter", split_adapter, state, wanted, context=context)
-        if not (isinstance(got, tuple) and len(got) == 2):
-            raise CheckError(f"split_adapter must return (method, tensors) {context}")
-        got_method, tensors = got
-        if got_method != method:
-            raise CheckError(
-                f"split_adapter said {got_method!r} {context}; expected {method!r}: lora_down → "
-                "'lora', hada_* → 'loha', lokr_* → 'lokr'"
-            )
-        if not isinstance(tensors, dict) or set(tensors) != set(want):
-            names = sorted(tensors) if isinstance(tensors, dict) else tensors
-            if isinstance(tensors, dict) and any(str(k).startswith(wanted) for k in tensors):
-                hint = f": remove the module prefix '{wanted}.' from the keys"
-            else:
-                hint = ""
-            raise CheckError(
-                f"split_adapter returned tensors {names} {context}; expected the keys "
-                f"{sorted(want)}{hint}"
-            )
-        for key, value in want.items():
-            if not torch.equal(tensors[key], value):
+    for wanted, others in SPLIT_FILES:
+        for method in ["lora", "loha", "lokr"]:
+            state = _adapter_file(method, wanted, seed=1)
+            for seed, other in enumerate(others, start=2):
+                state |= _adapter_file(method, other, seed=seed)
+            want = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(wanted + ".")}
+            context = f"for a {method} file and module {wanted!r}"
+            got = call_student("split_adapter", split_adapter, state, wanted, context=context)
+            if not (isinstance(got, tuple) and len(got) == 2):
+                raise CheckError(f"split_adapter must return (method, tensors) {context}")
+            got_method, tensors = got
+            if got_method != method:
                 raise CheckError(
-                    f"split_adapter's {key!r} {context} is not the tensor from the file"
+                    f"split_adapter said {got_method!r} {context}; expected {method!r}: "
+                    "lora_down → 'lora', hada_* → 'loha', lokr_* → 'lokr'"
                 )
-    passed("split_adapter finds the module's tensors and its method for LoRA, LoHa and LoKr files")
+            if not isinstance(tensors, dict) or set(tensors) != set(want):
+                names = sorted(tensors) if isinstance(tensors, dict) else tensors
+                extended = [
+                    other
+                    for other in others
+                    if other.startswith(wanted) and _holds_tensors_of(tensors, state, other)
+                ]
+                if extended:
+                    hint = (
+                        f": the tensors of {extended[0]!r} got in, because {wanted!r} is also "
+                        f"the start of {extended[0]!r}; filter by the module key plus the dot, "
+                        f"'{wanted}.'"
+                    )
+                elif isinstance(tensors, dict) and any(str(k).startswith(wanted) for k in tensors):
+                    hint = f": remove the module prefix '{wanted}.' from the keys"
+                else:
+                    hint = ""
+                raise CheckError(
+                    f"split_adapter returned tensors {names} {context}; expected the keys "
+                    f"{sorted(want)}{hint}"
+                )
+            for key, value in want.items():
+                if not torch.equal(tensors[key], value):
+                    raise CheckError(
+                        f"split_adapter's {key!r} {context} is not the tensor from the file"
+                    )
+    passed(
+        "split_adapter finds the module's tensors and its method for LoRA, LoHa and LoKr files, "
+        "also where another module's key starts with the same characters"
+    )
 
 
 # (a, b, c, d, r, leading dims of x): square factors first, so that a wrong order gives wrong
@@ -470,6 +508,12 @@ def check_mergeable_lora(mergeable_class: type[nn.Module]) -> None:
             hint = (
                 "the update vanished: the branch is skipped as if the layer were merged, but "
                 "η·ΔW is not in the weight (does unmerge clear the merged state?)"
+            )
+        elif "while merged" in step and torch.allclose(got, expect(previous[0] + eta)):
+            hint = (
+                f"the weight holds W + {previous[0] + eta:g}·ΔW, the old {previous[0]:g}·ΔW plus "
+                f"the new {eta:g}·ΔW: set_strength merged the new strength on top of the old "
+                "one; take the old η·ΔW out first (unmerge), then merge the new one"
             )
         elif "strength" in step and torch.allclose(got, expect(previous[0])):
             hint = (
