@@ -5,7 +5,10 @@ chapter 01 and its exercises, and drives it from headless Chromium: Debian's `ch
 driven by Playwright from PyPI (`executable_path`; Playwright never downloads a browser here).
 
 1. chapter 01: Run All Cells; no error or stderr output, and every figure is an image that loaded;
-2. exercise 01: Run All Cells stops at the first exercise, blank, and its message is shown;
+2. exercise 01, what a student sees: Run All Cells stops at the first exercise, blank, which shows
+   one line (`✗ not done yet: …`); a wrong answer typed into that cell shows one line saying what
+   is wrong; a crash in the student's function shows the student's lines; never a frame of the
+   checks' own code (lokr_edu/checks);
 3. RISE: chapter 01 as a slideshow (jupyterlab-rise, no network), on a title and a figure slide.
 
 Screenshots go to build/screenshots/. What it needs, and what it does when that is missing:
@@ -196,6 +199,39 @@ def _image_outputs(path: Path) -> int:
     )
 
 
+EXERCISE_CELL = "# Exercise 1.1: the Kronecker product"
+BLANK = "✗ not done yet: Exercise 1.1: the Kronecker product (replace this line)"
+WRONG = """# Exercise 1.1: the Kronecker product
+def my_kron(A, B):
+    return torch.zeros(A.shape[0] * B.shape[0], A.shape[1] * B.shape[1], dtype=A.dtype)
+
+
+checks.check_kron(my_kron)"""
+CRASH = """# Exercise 1.1: the Kronecker product
+def my_kron(A, B):
+    return A * "B"
+
+
+checks.check_kron(my_kron)"""
+CHECKS_CODE = "lokr_edu/checks"  # the checks' own files: never in what the student sees
+
+
+def shown_lines(output) -> list[str]:
+    """The non-empty lines of an output, as the student reads them."""
+    return [line for line in output.inner_text().splitlines() if line.strip()]
+
+
+def run_in_place(page, cell, source: str, expect: str):
+    """Type `source` into `cell` as a student would, run it, and return its error output."""
+    cell.locator(".cm-content").click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(source)  # as pasted: no auto-indent or closing brackets
+    page.keyboard.press("Control+Enter")
+    output = cell.locator("[data-mime-type='application/vnd.jupyter.stderr']")
+    output.filter(has_text=expect).wait_for(timeout=60_000)
+    return output
+
+
 def check_exercise(page, lab: Lab) -> None:
     open_notebook(page, lab, EXERCISE)
     run_all(page)  # stops at the first cell that raises: exercise 1.1, blank
@@ -203,12 +239,29 @@ def check_exercise(page, lab: Lab) -> None:
     panel = ".jp-NotebookPanel:not(.lm-mod-hidden) "
     errors = page.locator(panel + "[data-mime-type='application/vnd.jupyter.stderr']")
     assert errors.count() == 1, f"{errors.count()} error outputs, expected 1"
-    message = errors.first.inner_text()
-    want = "NotImplementedError: Exercise 1.1: the Kronecker product (replace this line)"
-    assert want in message, message[-500:]
+    blank = shown_lines(errors.first)
+    assert blank == [BLANK], f"the blank exercise shows {blank}"
     errors.first.scroll_into_view_if_needed()
-    page.screenshot(path=SHOTS / "03_exercise_message.png")
-    print(f"ok  exercise 01: the blank exercise 1.1 shows {want!r}")
+    page.screenshot(path=SHOTS / "03_exercise_blank.png")
+    print(f"ok  exercise 01: the blank exercise 1.1 shows one line, {BLANK!r}")
+
+    cell = page.locator(panel + ".jp-CodeCell", has_text=EXERCISE_CELL).first
+    wrong = shown_lines(run_in_place(page, cell, WRONG, "kron is wrong"))
+    assert len(wrong) == 1 and wrong[0].startswith("✗ kron is wrong for A 2×3 and B 3×4"), wrong
+    assert not any(CHECKS_CODE in line for line in wrong), wrong
+    page.screenshot(path=SHOTS / "04_exercise_wrong.png")
+    print(f"ok  exercise 01: a wrong answer shows one line, {wrong[0][:60]!r}…")
+
+    crash = shown_lines(run_in_place(page, cell, CRASH, "kron raised TypeError"))
+    assert not any(CHECKS_CODE in line for line in crash), crash
+    assert any("in my_kron(A, B)" in line for line in crash), crash  # the student's frame
+    assert any('return A * "B"' in line for line in crash), crash  # the student's line
+    assert crash[-1].startswith("✗ kron raised TypeError for A 2×3 and B 3×4"), crash
+    page.screenshot(path=SHOTS / "05_exercise_crash.png")
+    print(
+        f"ok  exercise 01: a crash in the student's function shows their lines ({len(crash)}) "
+        "and the check's one line, no frame of lokr_edu/checks"
+    )
 
 
 def check_slideshow(page, lab: Lab) -> None:
@@ -217,7 +270,7 @@ def check_slideshow(page, lab: Lab) -> None:
     time.sleep(3)
     title = page.locator(".reveal .slides section.present").first.inner_text()
     assert "Kronecker product" in title, title[:200]
-    page.screenshot(path=SHOTS / "04_slideshow_title.png")
+    page.screenshot(path=SHOTS / "06_slideshow_title.png")
     for _ in range(60):  # forward until a slide with a figure
         page.keyboard.press("Space")
         time.sleep(0.4)
@@ -227,7 +280,7 @@ def check_slideshow(page, lab: Lab) -> None:
     else:
         raise AssertionError("no figure in the first 60 steps of the slideshow")
     time.sleep(1)
-    page.screenshot(path=SHOTS / "05_slideshow_figure.png")
+    page.screenshot(path=SHOTS / "07_slideshow_figure.png")
     print("ok  RISE: the slideshow starts on the title slide and shows a figure slide")
 
 
