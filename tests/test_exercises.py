@@ -135,6 +135,26 @@ def test_exercise_notebook_as_shipped_fails_exactly_at_its_exercises(solution: P
     for index, title in expected.items():
         ename, evalue = failed[index]
         assert ename == "NotImplementedError" and evalue.startswith(title), (ename, evalue)
+        # what the student sees: no frame of the checks' code; through a check, one line
+        (error,) = [o for o in nb.cells[index].outputs if o.output_type == "error"]
+        lines = [ANSI.sub("", line) for line in error.traceback]
+        assert not any(CHECKS_CODE in line for line in lines), (
+            f"{title}: the student sees the checks' frames; the check must call the student's "
+            "function through common.call_student, and raise common.not_answered(...) for a "
+            "blank answer",
+            lines,
+        )
+        if checked_function_raises(nb.cells[index].source):
+            assert lines == [f"✗ not done yet: {evalue}"], (title, lines)
+
+
+def checked_function_raises(source: str) -> bool:
+    """Does the cell hand its check the function (or class) whose body is the exercise's stub?"""
+    stub = re.search(r'^\s+raise NotImplementedError\("Exercise', source, re.M)
+    if stub is None:  # the stub is the cell's own line: no check runs
+        return False
+    owners = re.findall(r"^(?:def|class) (\w+)", source[: stub.start()], re.M)
+    return bool(owners) and owners[-1] in re.findall(r"checks\.check_\w+\((\w+)", source)
 
 
 # --- what a student sees -------------------------------------------------------------------------
