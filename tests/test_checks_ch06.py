@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from check_cases import check_tests
 
 from lokr_edu import checks
-from lokr_edu.adapters import inject
+from lokr_edu.adapters import set_strength
 from lokr_edu.attention import (
     adapter_params_by_part,
     causal_mask,
+    merge_heads,
     multi_head_attention,
     split_heads,
 )
-from lokr_edu.checks.ch06 import TEXT_READING, corner_mask, map_setup, token_weights
+from lokr_edu.checks.ch06 import TEXT_READING, other_prompt, to_k_adapter
 from lokr_edu.lowrank import count_params
 
 
@@ -33,11 +35,26 @@ def reference_attention(x, context, W_q, W_k, W_v, W_o, b_o, heads):
     return multi_head_attention(x, context, weights, heads)
 
 
-def softmax_over_queries(x, context, W_q, W_k, W_v, W_o, b_o, heads):
-    q, k, v = (split_heads(t, heads) for t in (x @ W_q.T, context @ W_k.T, context @ W_v.T))
-    weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-2)
-    out = (weights @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-    return out @ W_o.T + b_o
+def softmax_over(dim):
+    """Multi-head attention with the softmax of the (B, h, Tq, Tk) scores over axis `dim`."""
+
+    def attention(x, context, W_q, W_k, W_v, W_o, b_o, heads):
+        q, k, v = (split_heads(t, heads) for t in (x @ W_q.T, context @ W_k.T, context @ W_v.T))
+        weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim)
+        return merge_heads(weights @ v) @ W_o.T + b_o
+
+    attention.__name__ = f"softmax_over_dim_{dim}"
+    return attention
+
+
+def mask_filled_with(value):
+    """A causal mask with `value` instead of −inf above the diagonal."""
+
+    def mask(tokens, dtype=torch.float32):
+        return torch.triu(torch.full((tokens, tokens), value, dtype=dtype), diagonal=1)
+
+    mask.__name__ = f"mask_filled_with_{value:g}"
+    return mask
 
 
 def causal_weights(q, k, diagonal=1, after=False, nan_to_zero=False, scale=True):
@@ -50,20 +67,34 @@ def causal_weights(q, k, diagonal=1, after=False, nan_to_zero=False, scale=True)
     return weights.nan_to_num(0.0) if nan_to_zero else weights
 
 
-def to_q_experiment(targets=("to_q",), steps=60, unfreeze=False):
-    module, pixels, prompt = map_setup()
-    inject(module, list(targets), method="lora", rank=2, alpha=2.0)
-    if unfreeze:
-        module.requires_grad_(True)
-    corner = corner_mask()
-    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=0.05)
-    for _ in range(steps):
-        m = token_weights(module, pixels, prompt)[:, 3]
-        loss = -torch.log(m[corner]).mean() - torch.log(1 - m[~corner]).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return module
+def prompt_change(module, pixels, prompt, off=0.0, relative_to="base", measure="output"):
+    """‖y₁ − y₀‖ / ‖y₀‖ of the block between η = `off` and η = 1, and likely slips."""
+    with torch.no_grad():
+        outputs = []
+        for eta in [off, 1.0]:
+            set_strength(module, eta)
+            if measure == "output":
+                outputs.append(module(pixels, encoder_hidden_states=prompt))
+            else:
+                outputs.append(module.to_k(prompt))
+    y0, y1 = outputs
+    change = (y1 - y0).norm()
+    if relative_to == "base":
+        change = change / y0.norm()
+    elif relative_to == "adapted":
+        change = change / y1.norm()
+    return change.item()
+
+
+def change_of_the_trained_prompt(module, pixels, prompt):
+    _, _, trained_prompt = to_k_adapter()
+    return prompt_change(module, pixels, trained_prompt)
+
+
+def left_switched_off(module, pixels, prompt):
+    change = prompt_change(module, pixels, prompt)
+    set_strength(module, 0.0)
+    return change
 
 
 TRUTH_6_5 = adapter_params_by_part("diffusers", "lora", rank=1)[TEXT_READING]
@@ -100,6 +131,8 @@ CASES = [
                 "the mask is transposed",
             ),
             (lambda t: torch.tril(torch.ones(t, t)), "use 0 and −inf, not 1 and 0"),
+            (mask_filled_with(-10.0), "a mask entry of -10 lowers a score without removing it"),
+            (lambda t: causal_mask(t) == 0, "make it a float tensor"),
         ],
     ),
     (
@@ -109,7 +142,8 @@ CASES = [
             (lambda *a: attention(*a, scale=False), "divide the scores by √d"),
             (lambda *a: attention(*a, whole=True), "not by √d_model"),
             (lambda *a: attention(*a, split=False), "single-head attention"),
-            (softmax_over_queries, "softmax over the context tokens"),
+            (softmax_over(-2), "the softmax ran over the queries (dim=-2)"),
+            (softmax_over(1), "the softmax ran over the heads (dim=1)"),
         ],
     ),
     (
@@ -157,17 +191,45 @@ CASES = [
         ],
     ),
     (
-        checks.check_to_q_experiment,
-        to_q_experiment,
+        checks.check_prompt_change,
+        prompt_change,
         [
-            (lambda: map_setup()[0], "no adapter"),
-            (lambda: to_q_experiment(["to_k"], steps=1), "adapters sit on ['to_k']"),
-            (lambda: to_q_experiment(steps=0), "train the adapter"),
-            (lambda: to_q_experiment(steps=3, unfreeze=True), "the base weight"),
-            (lambda: "to_q", "return the trained attention module"),
-            (lambda: map_setup()[0].to_v(None), "to_q_experiment raised TypeError when run"),
+            (lambda m, x, p: prompt_change(m, x, p, off=1.0), "the change is 0"),
+            (lambda m, x, p: prompt_change(m, x, p, relative_to=None), "that is ‖y₁ − y₀‖"),
+            (lambda m, x, p: prompt_change(m, x, p, relative_to="adapted"), "not by the adapted"),
+            (lambda m, x, p: prompt_change(m, x, p, measure="keys"), "how much the keys changed"),
+            (change_of_the_trained_prompt, "run the block on the prompt you were given"),
+            (left_switched_off, "set the strength back to 1"),
+            (lambda m, x, p: str(prompt_change(m, x, p)), "expected a number"),
         ],
     ),
 ]
 
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        mask_filled_with(torch.finfo(torch.float32).min),  # transformers' CLIP
+        mask_filled_with(-1e9),
+        lambda t: causal_mask(t, torch.float64),
+        lambda t: torch.zeros(t, t).masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -1e30),
+    ],
+    ids=["finfo_min", "minus_1e9", "float64_inf", "masked_fill"],
+)
+def test_causal_mask_accepts_any_mask_that_gives_the_same_weights(mask, capsys) -> None:
+    checks.check_causal_mask(mask)
+    assert capsys.readouterr().out.startswith("✓ causal_mask")
+
+
+def test_a_to_k_adapter_changes_prompts_it_never_saw_and_not_its_null_space() -> None:
+    """What exercise 6.8's check reports: every other prompt moves, the null-space one does not."""
+    module, pixels, prompt = to_k_adapter()
+    trained = prompt_change(module, pixels, prompt)
+    others = [prompt_change(module, pixels, other_prompt(seed)) for seed in range(3)]
+    down = module.to_k.adapters["default"].lora_down
+    c = other_prompt(3)
+    blind = c - c @ torch.linalg.pinv(down) @ down
+    assert trained > 0.1 and min(others) > 0.1
+    assert prompt_change(module, pixels, blind) < 1e-5

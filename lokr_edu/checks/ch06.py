@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from lokr_edu.attention import (
     attention_weights,
     causal_mask,
     effective_weight,
+    merge_heads,
     multi_head_attention,
     split_heads,
 )
@@ -26,7 +28,7 @@ __all__ = [
     "check_predict_text_reading_params",
     "check_score_std",
     "check_causal_weights",
-    "check_to_q_experiment",
+    "check_prompt_change",
 ]
 
 
@@ -50,23 +52,62 @@ def check_split_heads(split_heads_fn: Callable[[torch.Tensor, int], torch.Tensor
 
 
 def check_causal_mask(causal_mask_fn: Callable[[int], torch.Tensor]) -> None:
-    """Exercise 6.2: the additive (tokens × tokens) mask, 0 where t' ≤ t, −∞ where t' > t."""
+    """Exercise 6.2: the additive (tokens × tokens) mask, 0 where t' ≤ t and −∞ (or any number
+    whose exp is 0, such as torch.finfo(dtype).min, as transformers' CLIP uses) where t' > t.
+    The mask is judged by the attention weights softmax(S + M) it gives on random scores S."""
     for tokens in [1, 4, 77]:
         got = call_student("causal_mask", causal_mask_fn, tokens, context=f"for {tokens} tokens")
         require_tensor("causal_mask", got, (tokens, tokens), f"for {tokens} tokens")
-        want = causal_mask(tokens, got.dtype)
-        if torch.equal(got, want):
+        if not got.is_floating_point():
+            raise CheckError(
+                f"causal_mask({tokens}) has dtype {got.dtype}: the mask is added to float "
+                "scores, so make it a float tensor (0 and −inf)"
+            )
+        scores = random_tensor(tokens, tokens, seed=tokens).to(got.dtype)
+        want = (scores + causal_mask(tokens, got.dtype)).softmax(dim=-1)
+        weights = (scores + got).softmax(dim=-1)
+        if torch.allclose(weights, want, atol=1e-6) and not weights.isnan().any():
             continue
-        if torch.isinf(got.diagonal()).any():
+        very_negative = got < -1e4  # exp of such a score is 0 in any float dtype
+        if very_negative.diagonal().any():
             hint = "a token may see itself: the diagonal stays 0"
-        elif tokens > 1 and torch.isinf(got[1, 0]):
+        elif tokens > 1 and very_negative[1, 0]:
             hint = "the mask is transposed: token t sees tokens ≤ t, so −∞ goes above the diagonal"
         elif ((got == 0) | (got == 1)).all():
             hint = "the mask is added to the scores before the softmax: use 0 and −inf, not 1 and 0"
+        elif (
+            tokens > 1 and (got.triu(diagonal=1) < 0).any() and (weights.triu(diagonal=1) > 0).any()
+        ):
+            hint = (
+                f"the masked entries still get weight: a mask entry of {got[0, 1].item():g} "
+                "lowers a score without removing it. Use −inf, or a number so negative that "
+                "exp gives exactly 0, such as torch.finfo(dtype).min"
+            )
         else:
             hint = "0 on and below the diagonal, −inf above it"
         raise CheckError(f"causal_mask({tokens}) is wrong: {hint}")
     passed("causal_mask lets token t see exactly the tokens up to t")
+
+
+def _softmax_axis(
+    got: torch.Tensor,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    heads: int,
+) -> str | None:
+    """The axis a wrong softmax ran over, if `got` is multi-head attention with the softmax of the
+    scores (batch, heads, queries, context tokens) taken over another axis; else None."""
+    q, k, v = (
+        split_heads(t @ weights[f"W_{n}"].T, heads)
+        for t, n in [(x, "q"), (context, "k"), (context, "v")]
+    )
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    for dim, name in [(-2, "queries (dim=-2)"), (1, "heads (dim=1)"), (0, "batch (dim=0)")]:
+        out = merge_heads(scores.softmax(dim=dim) @ v) @ weights["W_o"].T + weights["b_o"]
+        if torch.allclose(got, out):
+            return name
+    return None
 
 
 def check_attention(attention: Callable[..., torch.Tensor]) -> None:
@@ -119,6 +160,11 @@ def check_attention(attention: Callable[..., torch.Tensor]) -> None:
             hint = "d is the width of one head, d_model / heads: divide by √d, not by √d_model"
         elif torch.allclose(got, multi_head_attention(x, context_tokens, weights, 1)):
             hint = "that is single-head attention: split Q, K, V into heads first"
+        elif axis := _softmax_axis(got, x, context_tokens, weights, heads):
+            hint = (
+                f"the softmax ran over the {axis}; each query's weights must be a distribution "
+                "over the context tokens, the last axis of Q·Kᵀ (softmax(dim=-1))"
+            )
         else:
             hint = (
                 "softmax over the context tokens (the last axis of Q·Kᵀ), "
@@ -302,53 +348,127 @@ def token_weights(
     return attention_weights(q, k)[0].mean(0)
 
 
-def check_to_q_experiment(experiment: Callable[[], torch.nn.Module]) -> None:
-    """Exercise 6.8 (explore): a LoRA on to_q only, trained to pull token 3 into the corner."""
-    from lokr_edu.adapters import adapter_layers
+def to_k_adapter() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(the block of `map_setup` with a LoRA (r = 2, α = 2) on to_k, trained for 60 Adam steps at
+    lr 0.05 so that token 3 is attended to inside the corner and not outside, the pixels, the
+    prompt it was trained on): the chapter's section 5 on one block. A fresh copy every call."""
+    import copy
 
-    trained = call_student("to_q_experiment", experiment, context="when run")
-    fresh, pixels, prompt = map_setup()
-    if not isinstance(trained, torch.nn.Module) or not hasattr(trained, "to_q"):
-        raise CheckError(f"return the trained attention module, got {type(trained).__name__}")
-    wrapped = sorted(name for name, _ in adapter_layers(trained))
-    if not wrapped:
-        raise CheckError("the module has no adapter: inject a LoRA on 'to_q' first")
-    if wrapped != ["to_q"]:
-        raise CheckError(
-            f"adapters sit on {wrapped}: this experiment puts one on to_q only, "
-            "so that the keys (and so the text side) stay exactly as they were"
-        )
-    base_q = trained.to_q.base.weight
-    for name, p in fresh.named_parameters():
-        mine = base_q if name == "to_q.weight" else trained.get_parameter(name)
-        if not torch.equal(mine, p):
-            raise CheckError(
-                f"the base weight {name} changed: only the adapter's parameters should train "
-                "(inject freezes the rest; do not unfreeze it)"
-            )
+    return copy.deepcopy(_trained_to_k())
+
+
+@functools.cache
+def _trained_to_k() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    from lokr_edu.adapters import inject
+
+    module, pixels, prompt = map_setup()
+    inject(module, ["to_k"], method="lora", rank=2, alpha=2.0)
     corner = corner_mask()
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(60):
+        attention = token_weights(module, pixels, prompt)[:, MAP_TOKEN]  # (256,)
+        loss = -torch.log(attention[corner]).mean() - torch.log(1 - attention[~corner]).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.requires_grad_(False)  # the trained adapter is only measured from here on
+    return module, pixels, prompt
+
+
+def other_prompt(seed: int) -> torch.Tensor:
+    """Another 8-token prompt (1, 8, 32), drawn like map_setup's: one the adapter never saw."""
+    return torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(100 + seed))
+
+
+def _block_outputs(module: torch.nn.Module, pixels: torch.Tensor, prompt: torch.Tensor):
+    """The block's output with its adapter off (η = 0) and on (η = 1), and its keys likewise."""
+    from lokr_edu.adapters import set_strength
+
+    outputs, keys = [], []
     with torch.no_grad():
-        before, after = token_weights(fresh, pixels, prompt), token_weights(trained, pixels, prompt)
-    share = {
-        label: (w[corner, MAP_TOKEN].sum() / w[:, MAP_TOKEN].sum()).item()
-        for label, w in [("before", before), ("after", after)]
+        for eta in [0.0, 1.0]:
+            set_strength(module, eta)
+            outputs.append(module(pixels, encoder_hidden_states=prompt))
+            keys.append(module.to_k(prompt))
+    set_strength(module, 1.0)
+    return outputs, keys
+
+
+def check_prompt_change(prompt_change: Callable[..., float]) -> None:
+    """Exercise 6.8 (explore): the relative change ‖y₁ − y₀‖ / ‖y₀‖ that a to_k adapter makes to
+    the block's output y = attn(pixels, prompt), for the prompt it was trained on and others."""
+    import copy
+
+    trained, pixels, prompt = to_k_adapter()
+    down = trained.to_k.adapters["default"].lora_down.detach()  # (2, 32): ΔW_k = s·up·down
+    others = torch.cat([other_prompt(seed) for seed in range(3)])  # (3, 8, 32)
+    blind = other_prompt(3) - other_prompt(3) @ torch.linalg.pinv(down) @ down  # down·c = 0
+    prompts = {
+        "the prompt it was trained on": prompt,
+        "another prompt (1)": others[:1],
+        "another prompt (2)": others[1:2],
+        "another prompt (3)": others[2:],
+        "a prompt in ΔW_k's null space": blind,
     }
-    if share["after"] < 2 * share["before"]:
-        raise CheckError(
-            f"token {MAP_TOKEN}'s share of attention inside the corner went from "
-            f"{share['before']:.2f} to {share['after']:.2f}: train the adapter (its B factor "
-            "starts at zero, so an untrained LoRA changes nothing)"
-        )
-    inside = {
-        label: w[corner, MAP_TOKEN].mean().item()
-        for label, w in [("before", before), ("after", after)]
-    }
+    measured = {}
+    for label, p in prompts.items():
+        (y0, y1), (k0, k1) = _block_outputs(copy.deepcopy(trained), pixels, p)
+        want = ((y1 - y0).norm() / y0.norm()).item()
+        module = copy.deepcopy(trained)
+        where = f"for {label}"
+        got = call_student("prompt_change", prompt_change, module, pixels, p, context=where)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, int | float):
+            raise CheckError(
+                f"prompt_change returned {type(got).__name__} {where}; expected a number, "
+                "‖y₁ − y₀‖ / ‖y₀‖"
+            )
+        with torch.no_grad():
+            after = module(pixels, encoder_hidden_states=p)
+        if not torch.allclose(after, y1, atol=1e-6):
+            raise CheckError(
+                f"after prompt_change {where} the block no longer computes its adapted output: "
+                "set the strength back to 1 (set_strength(module, 1.0)) once you have measured"
+            )
+        measured[label] = want
+        if math.isclose(got, want, rel_tol=1e-3, abs_tol=1e-5):
+            continue
+        if abs(got) < 1e-9 < want:
+            hint = (
+                "the change is 0: compare the block with the adapter off, set_strength(module, "
+                "0.0), and on, set_strength(module, 1.0)"
+            )
+        elif math.isclose(got, (y1 - y0).norm().item(), rel_tol=1e-3):
+            hint = "that is ‖y₁ − y₀‖: divide it by ‖y₀‖, the size of the base block's output"
+        elif math.isclose(got, ((y1 - y0).norm() / y1.norm()).item(), rel_tol=1e-3):
+            hint = "divide by ‖y₀‖, the base block's output (η = 0), not by the adapted one's"
+        elif math.isclose(got, ((k1 - k0).norm() / k0.norm()).item(), rel_tol=1e-3):
+            hint = (
+                "that is how much the keys changed: measure the block's output, "
+                "module(pixels, encoder_hidden_states=prompt)"
+            )
+        elif label != "the prompt it was trained on" and math.isclose(
+            got, measured["the prompt it was trained on"], rel_tol=1e-3
+        ):
+            hint = (
+                "that is the change for the prompt the adapter was trained on: run the block on "
+                "the prompt you were given"
+            )
+        else:
+            hint = (
+                "y₀ = module(pixels, encoder_hidden_states=prompt) at η = 0, y₁ the same at η = 1, "
+                "and the answer ‖y₁ − y₀‖ / ‖y₀‖ as a float"
+            )
+        raise CheckError(f"prompt_change {where} returned {got:.4g}; expected {want:.4g}: {hint}")
+    trained_change = measured["the prompt it was trained on"]
+    other_changes = [measured[f"another prompt ({i})"] for i in (1, 2, 3)]
+    blind_change = measured["a prompt in ΔW_k's null space"]
     passed(
-        "a to_q adapter moved token 3's attention with the keys untouched: the pixels ask "
-        "differently, and what token 3 gains in a row the other tokens lose\n"
-        f"  token {MAP_TOKEN}'s share inside the corner: "
-        f"{share['before']:.1f} -> {share['after']:.1f}\n"
-        f"  corner pixels' attention to token {MAP_TOKEN}: {inside['before']:.2f} -> "
-        f"{inside['after']:.2f}; to the other 7 tokens together: {1 - inside['before']:.2f} -> "
-        f"{1 - inside['after']:.2f} (each row still sums to 1)"
+        "prompt_change measures what the to_k adapter does to the block's output\n"
+        f"  the prompt it was trained on:   {trained_change:.0%}\n"
+        f"  three prompts it never saw:     " + ", ".join(f"{c:.0%}" for c in other_changes) + "\n"
+        f"  a prompt in ΔW_k's null space:  {blind_change:.1%}\n"
+        "W_k turns every token of every prompt into a key, so the adapter changes every prompt "
+        "except one whose tokens its down factor maps to zero"
     )
