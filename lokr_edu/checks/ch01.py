@@ -13,6 +13,7 @@ import lokr_edu
 from lokr_edu.checks.common import (
     CheckError,
     call_student,
+    not_answered,
     passed,
     random_tensor,
     require_tensor,
@@ -221,7 +222,7 @@ def check_factorize(factorize: Callable[[int, int], tuple[int, int]]) -> None:
 def _require_answer(exercise: str, value: object, what: str = "your prediction") -> None:
     """An answer left blank (None or ...) is not answered yet, not a wrong answer."""
     if value is None or value is Ellipsis:
-        raise NotImplementedError(f"{exercise}: not answered yet (write {what})")
+        raise not_answered(f"{exercise}: not answered yet (write {what})")
 
 
 def _rank_factors() -> tuple[torch.Tensor, torch.Tensor]:
