@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # documented in "Extending PyTorch"
 
 from lokr_edu.checks.common import (
     CheckError,
     call_student,
+    not_answered,
     passed,
+    prediction_pair,
     random_tensor,
     require_tensor,
 )
@@ -93,11 +96,51 @@ def check_lora_delta(
     passed("lora_delta computes (α/r)·B·A")
 
 
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors in an operation's arguments or results (nested in lists, tuples, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+class _LayerSizedResults(TorchDispatchMode):
+    """Records every torch operation that computes a new d_out × d_in (or d_in × d_out) tensor
+    while it is active: B·A, W + B·A and the like. Views of an input (W.T) and plain copies
+    (W.T.contiguous(), W.float()) are not computed, and are not recorded."""
+
+    COPIES = (torch.ops.aten.clone, torch.ops.aten._to_copy, torch.ops.aten.copy_)
+
+    def __init__(self, d_out: int, d_in: int) -> None:
+        super().__init__()
+        self.shapes = {(d_out, d_in), (d_in, d_out)}
+        self.found: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in self.COPIES:
+            return out
+        storages = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if (
+                t.dim() >= 2
+                and tuple(t.shape[-2:]) in self.shapes
+                and t.untyped_storage().data_ptr() not in storages  # not a view of an input
+            ):
+                self.found.append((func.overloadpacket.__name__, tuple(t.shape)))
+        return out
+
+
 def check_lora_forward(
     lora_forward_fn: Callable[..., torch.Tensor],
 ) -> None:
-    """Exercise 2.3: y = x Wᵀ + η·(α/r)·(x Aᵀ) Bᵀ, for one input vector and for a batch."""
-    d_out, d_in, r, alpha = 6, 5, 2, 4.0
+    """Exercise 2.3: y = x Wᵀ + η·(α/r)·(x Aᵀ) Bᵀ, for one input vector and for a batch, without
+    forming B·A: the check watches torch's operations and refuses any that computes a
+    d_out × d_in matrix."""
+    d_out, d_in, r, alpha = 6, 5, 2, 4.0  # a batch of 3 and r = 2 never make a 6×5 result
     W = random_tensor(d_out, d_in, seed=1)
     B, A = random_tensor(d_out, r, seed=2), random_tensor(r, d_in, seed=3)
     # η = 0.5 first: at η = 1 a forgotten η is invisible, at η = 0 so is a forgotten α/r
@@ -105,9 +148,11 @@ def check_lora_forward(
         for batch in [(), (3,)]:
             x = random_tensor(*batch, d_in, seed=4)
             context = f"for x of shape {tuple(x.shape)} and η = {eta}"
-            got = call_student(
-                "lora_forward", lora_forward_fn, x, W, A, B, alpha, eta, context=context
-            )
+            watch = _LayerSizedResults(d_out, d_in)
+            with watch:
+                got = call_student(
+                    "lora_forward", lora_forward_fn, x, W, A, B, alpha, eta, context=context
+                )
             require_tensor("lora_forward", got, (*batch, d_out), context)
             want = lora_forward(x, W, A, B, alpha, strength=eta)
             if torch.allclose(got, want):
@@ -122,7 +167,18 @@ def check_lora_forward(
             else:
                 hint = "y = x @ W.T + η·(α/r)·(x @ A.T) @ B.T"
             raise CheckError(f"lora_forward is wrong {context}: {hint}")
-    passed("lora_forward matches the merged weight W + η·(α/r)·B·A for η = 0, 0.5, 1, 2")
+        if watch.found:
+            op, shape = watch.found[0]
+            raise CheckError(
+                f"lora_forward gives the right values but formed a {d_out}×{d_in} matrix, the "
+                f"size of W (torch's {op} computed a tensor of shape {shape}) {context}: that is "
+                "B·A, or W plus it. On the fly, apply the factors to x one after the other, "
+                "(x @ A.T) @ B.T, so that the only intermediate is (..., r)"
+            )
+    passed(
+        "lora_forward matches the merged weight W + η·(α/r)·B·A for η = 0, 0.5, 1, 2, "
+        "without forming B·A"
+    )
 
 
 def check_best_rank_r(best_rank_r_fn: Callable[[torch.Tensor, int], tuple]) -> None:
@@ -143,10 +199,30 @@ def check_best_rank_r(best_rank_r_fn: Callable[[torch.Tensor, int], tuple]) -> N
         error = torch.linalg.norm(W - B @ A)
         if torch.isclose(error, optimum, atol=1e-9):
             continue
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U_r, S_r, V_rows = U[:, :r], S[:r], Vh[:, :r].T  # V_rows: r columns of Vh, as rows
+        product = B @ A
+        if torch.allclose(product, U_r @ Vh[:r]):
+            hint = (
+                "B·A has the right singular vectors, but every singular value is 1: the "
+                "singular values are missing. Scale U's columns by them, B = U[:, :r] * S[:r], "
+                "and keep A = Vh[:r]"
+            )
+        elif torch.allclose(product, (U_r * S_r) @ V_rows) or torch.allclose(product, U_r @ V_rows):
+            missing = "" if torch.allclose(product, (U_r * S_r) @ V_rows) else " (and S is missing)"
+            hint = (
+                "the right singular vectors are transposed: torch.linalg.svd returns Vh = Vᵀ, "
+                "whose rows are the right singular vectors, so A = Vh[:r], not Vh[:, :r].T "
+                f"(that is V transposed twice){missing}"
+            )
+        else:
+            hint = (
+                "keep the r largest singular values and their vectors, "
+                "B = U[:, :r]·diag(S[:r]), A = Vh[:r] (svd returns Vᵀ)"
+            )
         raise CheckError(
             f"best_rank_r is not optimal {context}: ‖W − B·A‖_F = {error:.4f}, but the best "
-            f"rank-{r} error is {optimum:.4f} = sqrt(σ_{r + 1}² + …): keep the r largest singular "
-            "values and their vectors, B = U[:, :r]·diag(S[:r]), A = Vh[:r] (svd returns Vᵀ)"
+            f"rank-{r} error is {optimum:.4f} = sqrt(σ_{r + 1}² + …): {hint}"
         )
     passed("best_rank_r reaches the Eckart–Young optimum on 4 matrices")
 
@@ -239,37 +315,40 @@ BREAK_EVEN_LAYER = (1280, 1280)
 BREAK_EVEN_RANKS = (4, 64)
 
 
-def break_even_tokens(d_out: int, d_in: int, r: int) -> float:
-    """Tokens at which merging once costs as much as the on-the-fly overhead (FLOPs)."""
+def on_the_fly_extra(d_out: int, d_in: int, r: int) -> int:
+    """FLOPs on the fly adds per token: the two small products, 2·r·(d_in + d_out), and d_out
+    additions to put the branch into x·Wᵀ (chapter 02, section 6)."""
     flops = lora_forward_flops(d_out, d_in, r, tokens=1)
-    return flops["fused_merge"] / (flops["on_the_fly_per_token"] - flops["fused_per_token"])
+    return flops["on_the_fly_per_token"] - flops["fused_per_token"] + d_out
+
+
+def break_even_tokens(d_out: int, d_in: int, r: int) -> float:
+    """Tokens at which merging once, 2·d_out·r·d_in + d_out·d_in FLOPs, costs as much as the
+    on-the-fly overhead, 2·r·(d_in + d_out) + d_out FLOPs per token."""
+    merge = lora_forward_flops(d_out, d_in, r, tokens=1)["fused_merge"]
+    return merge / on_the_fly_extra(d_out, d_in, r)
 
 
 def check_break_even_prediction(prediction: object) -> None:
     """Exercise 2.6 (predict): the break-even token counts of fused and on-the-fly LoRA on a
     1280 × 1280 layer at r = 4 and r = 64, each right within 25%."""
-    values = prediction if isinstance(prediction, tuple) else (prediction,)
+    values = prediction if isinstance(prediction, tuple | list) else (prediction,)
     if any(v is None or v is Ellipsis for v in values):
-        raise NotImplementedError(
+        raise not_answered(
             "Exercise 2.6: predict the break-even token counts at r = 4 and r = 64: "
             "not answered yet (write your two predictions)"
         )
-    if not (
-        isinstance(prediction, tuple)
-        and len(prediction) == 2
-        and all(isinstance(v, int | float) and v > 0 for v in prediction)
-    ):
-        raise CheckError(
-            f"the prediction must be a pair of positive numbers (tokens at r = 4, at r = 64), "
-            f"got {prediction!r}"
-        )
+    prediction = prediction_pair(
+        prediction,
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+        "a pair of positive numbers, (tokens at r = 4, tokens at r = 64)",
+    )
     d_out, d_in = BREAK_EVEN_LAYER
     truth = tuple(break_even_tokens(d_out, d_in, r) for r in BREAK_EVEN_RANKS)
-    flops = {r: lora_forward_flops(d_out, d_in, r, tokens=1) for r in BREAK_EVEN_RANKS}
     explain = "; ".join(
-        f"r = {r}: merge {f['fused_merge']:,} FLOPs / "
-        f"{f['on_the_fly_per_token'] - f['fused_per_token']:,} extra per token = {t:,.0f} tokens"
-        for (r, f), t in zip(flops.items(), truth, strict=True)
+        f"r = {r}: merge {lora_forward_flops(d_out, d_in, r, tokens=1)['fused_merge']:,} FLOPs / "
+        f"{on_the_fly_extra(d_out, d_in, r):,} extra per token = {t:,.0f} tokens"
+        for r, t in zip(BREAK_EVEN_RANKS, truth, strict=True)
     )
     ratios = [p / t for p, t in zip(prediction, truth, strict=True)]
     if all(0.75 <= q <= 1.25 for q in ratios):
@@ -277,9 +356,9 @@ def check_break_even_prediction(prediction: object) -> None:
         return
     if prediction[1] / prediction[0] > 2 or prediction[0] / prediction[1] > 2:
         hint = (
-            "you expected the break-even to move with r, but both the merge (2·d_out·r·d_in) "
-            "and the per-token overhead (2·r·(d_out + d_in)) grow linearly in r, so r nearly "
-            "cancels"
+            "you expected the break-even to move with r, but both the merge (2·d_out·r·d_in, "
+            "plus d_out·d_in additions) and the per-token overhead (2·r·(d_out + d_in), plus "
+            "d_out additions) grow linearly in r, so r nearly cancels"
         )
     elif all(1.6 <= q <= 2.5 for q in ratios) or all(0.4 <= q <= 0.625 for q in ratios):
         hint = "off by about 2: count a multiply-add as 2 FLOPs on both sides, or on neither"
