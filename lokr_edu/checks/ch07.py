@@ -10,14 +10,14 @@ from torch import nn
 from lokr_edu.checks.common import CheckError, call_student, passed, random_tensor, require_tensor
 
 __all__ = [
-    "check_add_noise",
+    "check_velocity",
     "check_noise_prediction_loss",
     "check_text_reading_targets",
     "check_lokr_merged_weight",
     "check_predict_half_strength",
-    "check_guided_noise",
+    "check_rescaled_guidance",
     "check_forgetting",
-    "check_terminal_signal",
+    "check_zero_terminal_snr",
 ]
 
 
@@ -32,28 +32,82 @@ def _reference_add_noise(z0, noise, alphas_cumprod, t):
     return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
 
-def check_add_noise(add_noise: Callable) -> None:
-    """Exercise 7.1: z_t = √ᾱ_t·z0 + √(1 − ᾱ_t)·ε, with one t per example."""
-    alphas = _alphas_cumprod()
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: an answer computed in single precision passes."""
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _scheduler(zero_terminal_snr: bool = False):
+    """diffusers' DDPMScheduler with SD1.5's schedule, optionally rescaled to ᾱ_T = 0."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=zero_terminal_snr,
+    )
+
+
+def _velocity_hint(got, z0, noise, alphas_cumprod, t) -> str:
+    """The likely mistake behind a wrong v, or the formula."""
+
+    def per_example(values: torch.Tensor) -> torch.Tensor:
+        return values.view(-1, *[1] * (z0.dim() - 1))  # (batch,) -> (batch, 1, 1, 1)
+
+    a = per_example(alphas_cumprod[t])
+    signal, spread = a.sqrt(), (1 - a).sqrt()
+    if _close(got, signal * z0 + spread * noise):
+        return (
+            "that is z_t, the noised latent (scheduler.add_noise); v weighs ε by √ᾱ_t and "
+            "subtracts √(1 − ᾱ_t)·z0"
+        )
+    if _close(got, -(signal * noise - spread * z0)):
+        return "the sign is reversed: v = √ᾱ_t·ε − √(1 − ᾱ_t)·z0, so v ≈ +ε at t = 0"
+    if _close(got, spread * noise - signal * z0):
+        return "the weights are swapped: ε gets √ᾱ_t (near 1 at t = 0), z0 gets √(1 − ᾱ_t)"
+    if _close(got, signal * z0 - spread * noise):
+        return "z0 and ε have swapped places: v = √ᾱ_t·ε − √(1 − ᾱ_t)·z0, ε with the plus sign"
+    if _close(got, a * noise - (1 - a) * z0):
+        return "the weights are square roots: √ᾱ_t and √(1 − ᾱ_t), as in z_t"
+    for one in t.tolist():
+        b = alphas_cumprod[one]
+        if _close(got, b.sqrt() * noise - (1 - b).sqrt() * z0):
+            return (
+                f"every example got ᾱ at t = {one}: each example has its own t; index "
+                "alphas_cumprod with t and reshape to (batch, 1, 1, 1)"
+            )
+    return "v = √ᾱ_t·ε − √(1 − ᾱ_t)·z0 with ᾱ_t = alphas_cumprod[t], one t per example"
+
+
+def check_velocity(velocity: Callable) -> None:
+    """Exercise 7.1: v = √ᾱ_t·ε − √(1 − ᾱ_t)·z0 (Salimans & Ho, 2022), one t per example.
+
+    The reference is diffusers' `DDPMScheduler.get_velocity`, on SD1.5's schedule and on the
+    same schedule rescaled to zero terminal SNR (exercise 7.8), where v at t = T is −z0.
+    """
     z0, noise = random_tensor(3, 4, 8, 8, seed=1), random_tensor(3, 4, 8, 8, seed=2)
-    t = torch.tensor([0, 500, 999])
-    context = "for z0 of shape (3, 4, 8, 8) and t = [0, 500, 999]"
-    got = call_student("add_noise", add_noise, z0, noise, alphas, t, context=context)
-    require_tensor("add_noise", got, (3, 4, 8, 8), context)
-    want = _reference_add_noise(z0, noise, alphas, t)
-    if torch.allclose(got, want):
-        passed("add_noise mixes z0 and ε with the weights √ᾱ_t and √(1 − ᾱ_t)")
-        return
-    a = alphas[t].view(-1, 1, 1, 1)
-    if torch.allclose(got, a * z0 + (1 - a) * noise):
-        hint = "the weights are square roots: √ᾱ_t and √(1 − ᾱ_t), so the variance stays 1"
-    elif torch.allclose(got, (1 - a).sqrt() * z0 + a.sqrt() * noise):
-        hint = "the weights are swapped: z0 gets √ᾱ_t (near 1 at t = 0), ε gets √(1 − ᾱ_t)"
-    elif torch.allclose(got[0], want[0]) and not torch.allclose(got[2], want[2]):
-        hint = "each example has its own t: index ᾱ with t and reshape to (batch, 1, 1, 1)"
-    else:
-        hint = "z_t = √ᾱ_t·z0 + √(1 − ᾱ_t)·ε with ᾱ_t = alphas_cumprod[t]"
-    raise CheckError(f"add_noise is wrong {context}: {hint}")
+    t = torch.tensor([999, 500, 0])
+    for zero_terminal_snr in (False, True):
+        scheduler = _scheduler(zero_terminal_snr)
+        alphas = scheduler.alphas_cumprod.double()
+        schedule = "zero-terminal-SNR " if zero_terminal_snr else ""
+        context = f"for z0 of shape (3, 4, 8, 8), t = [999, 500, 0] and SD1.5's {schedule}schedule"
+        got = call_student(
+            "velocity", velocity, z0.clone(), noise.clone(), alphas.clone(), t, context=context
+        )
+        require_tensor("velocity", got, (3, 4, 8, 8), context)
+        want = scheduler.get_velocity(z0, noise, t)
+        if not _close(got.double(), want):
+            hint = _velocity_hint(got.double(), z0, noise, alphas, t)
+            raise CheckError(f"velocity is wrong {context}: {hint}")
+    if not _close(got[0].double(), -z0[0]):  # ᾱ_999 = 0 on the rescaled schedule
+        raise CheckError("velocity at t = 999 of the zero-terminal-SNR schedule should be −z0")
+    passed(
+        "v = √ᾱ_t·ε − √(1 − ᾱ_t)·z0 per example, as scheduler.get_velocity; where ᾱ_T = 0 "
+        "(exercise 7.8), v at t = 999 is −z0"
+    )
 
 
 class _FakeUNet(nn.Module):
@@ -64,7 +118,8 @@ class _FakeUNet(nn.Module):
 
 
 def check_noise_prediction_loss(loss_fn: Callable) -> None:
-    """Exercise 7.2: mean of (ε_θ(z_t, t, text) − ε)² over every element of the batch."""
+    """Exercise 7.2: mean of (ε_θ(z_t, t, text) − ε)² over every element of the batch, with
+    z_t = √ᾱ_t·z0 + √(1 − ᾱ_t)·ε (chapter 07, section 3)."""
     alphas = _alphas_cumprod()
     unet = _FakeUNet()
     z0, noise = random_tensor(4, 4, 8, 8, seed=3), random_tensor(4, 4, 8, 8, seed=4)
@@ -75,6 +130,7 @@ def check_noise_prediction_loss(loss_fn: Callable) -> None:
     )
     require_tensor("noise_prediction_loss", got, (), context)
     z_t = _reference_add_noise(z0, noise, alphas, t)
+    a = alphas[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
     want = ((unet(z_t, t, text) - noise) ** 2).mean()
     if torch.allclose(got, want):
         passed("the loss compares the U-Net's prediction on z_t with the noise that made z_t")
@@ -85,8 +141,10 @@ def check_noise_prediction_loss(loss_fn: Callable) -> None:
         hint = "give the U-Net the noisy latents z_t, not z0: it learns to see through the noise"
     elif torch.allclose(got, ((unet(z_t, t, text) - noise) ** 2).sum()):
         hint = "average the squared error (mean), as F.mse_loss does, rather than summing it"
+    elif torch.allclose(got, ((unet(a * z0 + (1 - a) * noise, t, text) - noise) ** 2).mean()):
+        hint = "z_t mixes with square roots: √ᾱ_t·z0 + √(1 − ᾱ_t)·ε, so its variance stays 1"
     else:
-        hint = "loss = mean((ε_θ(z_t, t, text) − ε)²) with z_t from exercise 7.1"
+        hint = "loss = mean((ε_θ(z_t, t, text) − ε)²) with z_t = √ᾱ_t·z0 + √(1 − ᾱ_t)·ε"
     raise CheckError(f"noise_prediction_loss is wrong {context}: {hint}")
 
 
@@ -206,50 +264,82 @@ def check_predict_half_strength(prediction: str) -> None:
     raise CheckError(f"the prediction {prediction!r} is not what happens ({measured}): {hint}")
 
 
-def _fake_unet(z: torch.Tensor, t: int, text: torch.Tensor):
-    """A stand-in U-Net with the real call: ε(z, t, text) depends on each row's own text."""
-    from types import SimpleNamespace
+def _rescaled(eps_text, eps_guided, phi, dims=(1, 2, 3), invert=False, reverse=False):
+    """Guidance rescale with a chosen std axis, ratio and mix: the right answer and its slips."""
+    std_text = eps_text.std(dim=dims, keepdim=True)
+    std_guided = eps_guided.std(dim=dims, keepdim=True)
+    ratio = std_guided / std_text if invert else std_text / std_guided
+    weight = 1 - phi if reverse else phi
+    return weight * eps_guided * ratio + (1 - weight) * eps_guided
 
-    return SimpleNamespace(sample=0.5 * z + text.mean(dim=(1, 2)).view(-1, 1, 1, 1) + 1e-3 * t)
 
+def check_rescaled_guidance(rescaled_guidance: Callable) -> None:
+    """Exercise 7.6: φ·ε̂·σ(ε_text)/σ(ε̂) + (1 − φ)·ε̂, σ per example over (C, H, W).
 
-def check_guided_noise(guided_noise: Callable) -> None:
-    """Exercise 7.6: ε̂ = ε(∅) + g·(ε(text) − ε(∅)), with the U-Net run once on a doubled batch."""
-    z, text = random_tensor(3, 4, 8, 8, seed=11), random_tensor(3, 8, 64, seed=12)
-    empty = random_tensor(1, 8, 64, seed=13).expand(3, 8, 64)
-    calls = []
+    Lin et al. (2024, §3.4); the reference is diffusers' `rescale_noise_cfg`, what a Stable
+    Diffusion pipeline applies when called with `guidance_rescale=φ`.
+    """
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-    def unet(z_in, t, text_in):
-        calls.append(len(z_in))
-        return _fake_unet(z_in, t, text_in)
-
-    eps_text, eps_empty = _fake_unet(z, 501, text).sample, _fake_unet(z, 501, empty).sample
-    for g in (1.0, 3.0):
-        calls.clear()
-        context = f"at guidance g = {g:g}, for 3 latents"
+    spread = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    eps_text = spread * random_tensor(3, 4, 8, 8, seed=11)  # each example its own spread
+    eps_empty = spread * random_tensor(3, 4, 8, 8, seed=12)
+    eps_guided = eps_empty + 7.0 * (eps_text - eps_empty)  # guidance at g = 7
+    for phi in (0.7, 0.0):
+        context = f"at φ = {phi:g}, for predictions of shape (3, 4, 8, 8) guided at g = 7"
         got = call_student(
-            "guided_noise", guided_noise, unet, z, 501, text, empty, g, context=context
+            "rescaled_guidance",
+            rescaled_guidance,
+            eps_text.clone(),
+            eps_guided.clone(),
+            phi,
+            context=context,
         )
-        require_tensor("guided_noise", got, (3, 4, 8, 8), context)
-        want = eps_empty + g * (eps_text - eps_empty)
-        if torch.allclose(got, want):
+        require_tensor("rescaled_guidance", got, (3, 4, 8, 8), context)
+        want = rescale_noise_cfg(eps_guided, eps_text, guidance_rescale=phi)
+        if _close(got.double(), want):
             continue
-        if torch.allclose(got, eps_text + g * (eps_empty - eps_text)):
-            hint = "the branches are swapped: start from ε(∅) and move towards ε(text)"
-        elif torch.allclose(got, g * eps_text):
-            hint = "guidance mixes two predictions: ε(∅) + g·(ε(text) − ε(∅)), not g·ε(text)"
-        elif torch.allclose(got, eps_text + g * (eps_text - eps_empty)):
-            hint = "start from ε(∅), not ε(text): g = 1 must give ε(text) exactly"
-        else:
-            hint = "ε̂ = ε(∅) + g·(ε(text) − ε(∅)); check which half of the batch is which"
-        raise CheckError(f"guided_noise is wrong {context}: {hint}")
-    if calls != [6]:
-        raise CheckError(
-            f"guided_noise called the U-Net with batches of {calls}: run it once on the doubled "
-            "batch torch.cat([z, z]) with torch.cat([empty, text]), as the pipeline does (one "
-            "call of 2N rows is faster than two of N)"
+        got = got.double()
+        slips = [
+            (
+                dict(dims=(0, 1, 2, 3)),
+                "take one standard deviation per example, over its (C, H, W) values (dims 1, "
+                "2, 3), not one over the whole batch: each image keeps its own scale",
+            ),
+            (
+                dict(dims=(2, 3)),
+                "take the standard deviation over all of an example's values, C, H and W "
+                "together (dims 1, 2, 3), not one per channel",
+            ),
+            (
+                dict(reverse=True),
+                "the mix is reversed: φ weighs the rescaled prediction, φ·ε_rescaled + "
+                "(1 − φ)·ε̂, so that φ = 0 is plain guidance",
+            ),
+            (
+                dict(invert=True),
+                "the ratio is inverted: multiply ε̂ by σ(ε_text)/σ(ε̂), which brings its "
+                "spread down to the text prediction's",
+            ),
+            (
+                dict(phi=1.0),
+                "mix the rescaled prediction with ε̂ by φ: φ·ε_rescaled + (1 − φ)·ε̂; this "
+                "is φ = 1 whatever φ is",
+            ),
+        ]
+        hint = next(
+            (
+                hint
+                for options, hint in slips
+                if _close(got, _rescaled(eps_text, eps_guided, **({"phi": phi} | options)))
+            ),
+            "ε_rescaled = ε̂·σ(ε_text)/σ(ε̂) per example; return φ·ε_rescaled + (1 − φ)·ε̂",
         )
-    passed("ε̂ = ε(∅) + g·(ε(text) − ε(∅)) from one U-Net call on both branches")
+        raise CheckError(f"rescaled_guidance is wrong {context}: {hint}")
+    passed(
+        "ε̂ rescaled to the text prediction's standard deviation, example by example, and mixed "
+        "by φ: diffusers' rescale_noise_cfg (guidance_rescale=φ)"
+    )
 
 
 def check_forgetting(rates: dict) -> None:
@@ -270,44 +360,104 @@ def check_forgetting(rates: dict) -> None:
             "really train without class images (train_concept(method, 'no prior'))? And did "
             "you measure the plain prompts of the concept digits, not the concept?"
         )
+    passed(f"one run each: the plain prompts kept {kept:.2f} with the prior, {lost:.2f} without it")
+
+
+def _zero_snr_slip(
+    betas: torch.Tensor,
+    on_root: bool = True,
+    keep_first: bool = True,
+    first_to_one: bool = False,
+    square: bool = True,
+    output: str = "betas",
+) -> torch.Tensor:
+    """Algorithm 1 of Lin et al. (2024) with one step changed: the plausible slips."""
+    alphas_bar = torch.cumprod(1 - betas, dim=0)
+    x = alphas_bar.sqrt() if on_root else alphas_bar
+    first, last = x[0].clone(), x[-1].clone()
+    x = x - last
+    if first_to_one:
+        x = x / (first - last)
+    elif keep_first:
+        x = x * first / (first - last)
+    alphas_bar = x**2 if on_root and square else x
+    if output == "alphas_cumprod":
+        return alphas_bar
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return alphas if output == "alphas" else 1 - alphas
+
+
+def _zero_snr_hint(got: torch.Tensor, betas: torch.Tensor) -> str:
+    slips = [
+        (
+            dict(output="alphas_cumprod"),
+            "that is ᾱ_t; return β: α_t = ᾱ_t / ᾱ_{t−1} (α_1 = ᾱ_1), then β_t = 1 − α_t",
+        ),
+        (dict(output="alphas"), "that is α_t = 1 − β_t; return β_t"),
+        (
+            dict(keep_first=False),
+            "shifting √ᾱ down by √ᾱ_T is half of it: scale it after the shift so that the "
+            "first step's √ᾱ_1 gets its old value back",
+        ),
+        (
+            dict(first_to_one=True),
+            "keep √ᾱ_1 at its old value, not at 1: scale by √ᾱ_1 / (√ᾱ_1 − √ᾱ_T)",
+        ),
+        (
+            dict(square=False),
+            "the shifted and scaled values are √ᾱ_t: square them before turning them into β",
+        ),
+        (
+            dict(on_root=False),
+            "shift and scale √ᾱ_t, the share of z0 in z_t, not ᾱ_t: the map is affine in √ᾱ_t",
+        ),
+    ]
+    for options, hint in slips:
+        if torch.allclose(got, _zero_snr_slip(betas, **options), rtol=1e-5, atol=1e-8):
+            return hint
+    old, new = torch.cumprod(1 - betas, dim=0), torch.cumprod(1 - got, dim=0)
+    if abs(new[-1].item()) > 1e-6:
+        return f"your β give ᾱ_T = {new[-1].item():.3g}: the point is ᾱ_T = 0"
+    if abs(new[0].item() - old[0].item()) > 1e-6:
+        return f"your β change ᾱ_1 from {old[0].item():.6f} to {new[0].item():.6f}: keep it"
+    return "√ᾱ_t ← (√ᾱ_t − √ᾱ_T)·√ᾱ_1 / (√ᾱ_1 − √ᾱ_T), then ᾱ_t, then β_t = 1 − ᾱ_t / ᾱ_{t−1}"
+
+
+def check_zero_terminal_snr(zero_terminal_snr: Callable) -> None:
+    """Exercise 7.8: β rescaled so that ᾱ_T = 0 and ᾱ_1 is kept (Lin et al., 2024, Algorithm 1).
+
+    √ᾱ_t ← (√ᾱ_t − √ᾱ_T)·√ᾱ_1 / (√ᾱ_1 − √ᾱ_T), then β_t = 1 − ᾱ_t / ᾱ_{t−1}. The reference
+    is diffusers' `rescale_zero_terminal_snr` (its schedulers' `rescale_betas_zero_snr=True`).
+    """
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    schedules = {
+        "SD1.5's scaled-linear β over 1000 steps": torch.linspace(
+            0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64
+        )
+        ** 2,
+        "a linear β from 1e-4 to 0.02 over 500 steps": torch.linspace(
+            1e-4, 0.02, 500, dtype=torch.float64
+        ),
+    }
+    for name, betas in schedules.items():
+        context = f"for {name}"
+        got = call_student("zero_terminal_snr", zero_terminal_snr, betas.clone(), context=context)
+        if isinstance(got, torch.Tensor) and tuple(got.shape) == (len(betas) - 1,):
+            raise CheckError(
+                f"zero_terminal_snr returned {len(betas) - 1} values {context}; the first step "
+                "has a β too: β_1 = 1 − ᾱ_1 (ᾱ_0 = 1)"
+            )
+        require_tensor("zero_terminal_snr", got, tuple(betas.shape), context)
+        want = rescale_zero_terminal_snr(betas.clone())
+        if not torch.allclose(got.double(), want, rtol=1e-3, atol=1e-6):  # float32 passes
+            hint = _zero_snr_hint(got.double(), betas)
+            raise CheckError(f"zero_terminal_snr is wrong {context}: {hint}")
+    betas = schedules["SD1.5's scaled-linear β over 1000 steps"]
+    before = torch.cumprod(1 - betas, dim=0).sqrt()
+    after = torch.cumprod(1 - rescale_zero_terminal_snr(betas.clone()), dim=0).sqrt()
     passed(
-        f"without the prior the plain prompts forget: {kept:.2f} kept with it, {lost:.2f} without"
+        f"SD1.5's schedule with ᾱ_T = 0: √ᾱ at t = 500 goes from {before[500]:.3f} to "
+        f"{after[500]:.3f}, at t = 998 from {before[998]:.3f} to {after[998]:.4f}; "
+        f"β_T = {1 - after[-1] ** 2 / after[-2] ** 2:.0f}: the last step keeps nothing of z0"
     )
-
-
-def check_terminal_signal(terminal_signal: Callable) -> None:
-    """Exercise 7.8: √ᾱ_T and SNR_T = ᾱ_T / (1 − ᾱ_T) of a scaled-linear β schedule."""
-    found = []
-    for beta_start, beta_end, steps in [(0.00085, 0.012, 1000), (0.0001, 0.02, 500)]:
-        context = f"for β from {beta_start} to {beta_end} over {steps} steps"
-        got = call_student(
-            "terminal_signal", terminal_signal, beta_start, beta_end, steps, context=context
-        )
-        if not (isinstance(got, tuple) and len(got) == 2):
-            raise CheckError(f"terminal_signal must return (√ᾱ_T, SNR_T), got {got!r:.80}")
-        share, snr = (float(v) for v in got)
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-        last = torch.cumprod(1 - betas, dim=0)[-1].item()
-        want = (last**0.5, last / (1 - last))
-        if abs(share - want[0]) <= 1e-6 * max(1, want[0]) and abs(snr - want[1]) <= 1e-6 * max(
-            1, want[1]
-        ):
-            found.append(want)
-            continue
-        linear = torch.cumprod(
-            1 - torch.linspace(beta_start, beta_end, steps, dtype=torch.float64), dim=0
-        )[-1].item()
-        if abs(share - linear**0.5) < 1e-9:
-            hint = "scaled linear means linear in √β: linspace(√β_start, √β_end) then square"
-        elif abs(share - last) < 1e-9:
-            hint = "the share of z0 is √ᾱ_T, the square root of the product"
-        elif abs(snr - last**0.5 / (1 - last**0.5)) < 1e-9:
-            hint = "SNR is a ratio of variances: ᾱ_T / (1 − ᾱ_T), not of standard deviations"
-        else:
-            hint = "ᾱ_T = Π (1 − β_t) over all steps; √ᾱ_T and ᾱ_T / (1 − ᾱ_T)"
-        raise CheckError(
-            f"terminal_signal returned ({share:.6g}, {snr:.6g}) {context}; expected "
-            f"({want[0]:.6g}, {want[1]:.6g}): {hint}"
-        )
-    share, snr = found[0]
-    passed(f"SD1.5's schedule: √ᾱ_T = {share:.3f}, SNR_T = {snr:.4f}; a trace of z0 survives")
