@@ -36,11 +36,25 @@ def adapter_state(pipe) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".adapters." in n}
 
 
+def fixed_batch_loss(pipe) -> torch.Tensor:
+    """The loss of each example of DATASET, with the same ε and t every time (seeded), (4,)."""
+    with torch.no_grad():
+        pixels = torch.stack([image for image, _ in DATASET])  # (4, 3, 16, 16)
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        text = pipe.text_encoder(tokenize([caption for _, caption in DATASET]))[0]
+        generator = torch.Generator().manual_seed(123)
+        return noise_prediction_loss(
+            pipe.unet, latents, text, pipe.scheduler, generator, reduction="none"
+        )
+
+
 def test_training_runs_and_trains_only_the_adapter() -> None:
     pipe = tiny_pipeline()
     frozen = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     suffixes = ("to_q", "to_k", "to_v", "to_out.0")
     projections = [n for n, _ in pipe.unet.named_modules() if n.endswith(suffixes)]
+    assert train(pipe, DATASET, CONFIG, tokenize, stop_after=0) == []  # injects, no step
+    initial, before = adapter_state(pipe), fixed_batch_loss(pipe)
     losses = train(pipe, DATASET, CONFIG, tokenize)
     assert len(losses) == 6 and all(type(v) is float and v > 0 for v in losses)
     assert [n for n, _ in adapter_layers(pipe.unet)] == projections
@@ -50,7 +64,11 @@ def test_training_runs_and_trains_only_the_adapter() -> None:
         if ".adapters." not in n
     }
     assert after.keys() == frozen.keys()
-    assert all(torch.equal(after[n], frozen[n]) for n in frozen)
+    assert all(torch.equal(after[n], frozen[n]) for n in frozen)  # the base: bit for bit
+    trained = adapter_state(pipe)
+    assert initial and trained.keys() == initial.keys()
+    assert all(not torch.equal(trained[n], initial[n]) for n in initial)  # every factor moved
+    assert (fixed_batch_loss(pipe) < before).all()  # and the loss fell, on every example
 
 
 def test_an_interrupted_and_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(
@@ -66,6 +84,8 @@ def test_an_interrupted_and_resumed_run_ends_bit_for_bit_where_an_uninterrupted_
     ours, reference = adapter_state(resumed), adapter_state(straight)
     assert ours.keys() == reference.keys()
     assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    halfway = adapter_state(interrupted)  # 3 steps in: the last 3 steps moved the adapter
+    assert all(not torch.equal(halfway[k], reference[k]) for k in reference)
 
 
 def test_resuming_another_configuration_is_refused(tmp_path) -> None:
@@ -84,17 +104,48 @@ def test_resuming_another_configuration_is_refused(tmp_path) -> None:
         )
 
 
-def test_snr_weighting_changes_the_loss_but_not_its_scale_wildly() -> None:
-    pipe = tiny_pipeline()
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    text = pipe.text_encoder(tokenize(["a", "b"]))[0]
-    plain = noise_prediction_loss(
-        pipe.unet, latents, text, pipe.scheduler, torch.Generator().manual_seed(1)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_follows_hang_et_al(prediction_type: str) -> None:
+    """The loss of each example against a hand computation from what the U-Net saw: its input
+    z_t, its timestep t and its prediction. With ᾱ = alphas_cumprod[t], SNR = ᾱ/(1 − ᾱ),
+    ε = (z_t − √ᾱ·z0)/√(1 − ᾱ), the target is ε (or v = √ᾱ·ε − √(1 − ᾱ)·z0), and min-SNR-γ
+    (Hang et al., 2023) weights the loss by min(SNR, γ)/SNR (v-prediction: min(SNR, γ)/(SNR + 1)),
+    as diffusers' train_text_to_image.py does."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    pipe, gamma = tiny_pipeline(), 5.0
+    scheduler = DDPMScheduler(clip_sample=False, steps_offset=1, prediction_type=prediction_type)
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # (B, 4, h, w)
+    text = pipe.text_encoder(tokenize([f"a digit {i}" for i in range(8)]))[0].detach()
+    seen = []
+    pipe.unet.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((args[0], args[1], out.sample)),
+        with_kwargs=True,
     )
-    weighted = noise_prediction_loss(
-        pipe.unet, latents, text, pipe.scheduler, torch.Generator().manual_seed(1), 5.0
-    )
-    assert 0 < weighted <= plain + 1e-6  # min(SNR, γ)/SNR ≤ 1
+
+    @torch.no_grad()
+    def loss(snr_gamma: float | None) -> torch.Tensor:  # each example's, (B,): same ε and t
+        generator = torch.Generator().manual_seed(0)
+        return noise_prediction_loss(
+            pipe.unet, latents, text, scheduler, generator, snr_gamma, "none"
+        )
+
+    plain, weighted = loss(None), loss(gamma)
+    (noisy, t, prediction), again = seen
+    assert all(torch.equal(a, b) for a, b in zip(again, (noisy, t, prediction), strict=True))
+    alpha_bar = scheduler.alphas_cumprod[t].double()  # (B,)
+    snr = alpha_bar / (1 - alpha_bar)
+    assert torch.allclose(compute_snr(scheduler, t).double(), snr, rtol=1e-5)  # diffusers' SNR
+    assert (snr > gamma).any() and (snr < gamma).any()  # γ clips some examples, not others
+    a, s = alpha_bar.sqrt()[:, None, None, None], (1 - alpha_bar).sqrt()[:, None, None, None]
+    noise = (noisy.double() - a * latents.double()) / s
+    target = a * noise - s * latents.double() if prediction_type == "v_prediction" else noise
+    by_hand = (prediction.double() - target).square().mean(dim=(1, 2, 3))  # (B,)
+    assert torch.allclose(plain.double(), by_hand, rtol=1e-4)
+    weight = snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    assert torch.allclose(weighted.double(), by_hand * weight, rtol=1e-4)
+    assert torch.allclose(weighted / plain, weight.float(), rtol=1e-5)  # the weight alone
 
 
 def test_image_folder_and_its_errors(tmp_path) -> None:
