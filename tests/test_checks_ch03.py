@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from check_cases import check_tests
 
 from lokr_edu import checks
-from lokr_edu.lowrank import count_params, file_size_bytes, loha_delta, lokr_delta, lokr_factors
+from lokr_edu.kron import factorize
+from lokr_edu.lowrank import adapter_shapes, count_params, loha_delta, lokr_delta
 
 
 def lokr(w1, w2a=None, w2b=None, w2=None, alpha=1.0):
@@ -95,19 +97,73 @@ def one_product_double(w1a, w1b, w2a, w2b):
     return 2 * U, V
 
 
-def factors_swapped(m, n):
-    (a, b), (c, d) = lokr_factors(m, n)
-    return (c, d), (a, b)
+def loha_scaled_twice(a, b, c, d, alpha):
+    s = alpha / b.shape[0]
+    return (s * (a @ b)) * (s * (c @ d))
 
 
-def factors_paired_by_dimension(m, n):
-    (a, b), (c, d) = lokr_factors(m, n)
-    return (a, c), (b, d)
+def loha_matmul(a, b, c, d, alpha):
+    return (alpha / b.shape[0]) * (a @ b) @ (c @ d)
 
 
-def kib(n_params, n_layers, itemsize):
-    dtype = torch.float32 if itemsize == 4 else torch.float16
-    return file_size_bytes(n_params, dtype, n_alphas=n_layers) / 1024
+def loha_matmul_transposed(a, b, c, d, alpha):
+    return (alpha / b.shape[0]) * (a @ b) @ (c @ d).T
+
+
+def loha_matmul_when_not_square(a, b, c, d, alpha):  # reaches the non-square case with `@`
+    if a.shape[0] == b.shape[1]:
+        return loha_delta(a, b, c, d, alpha)
+    return (alpha / b.shape[0]) * (a @ b) @ (c @ d)
+
+
+def loha_matmul_transposed_when_not_square(a, b, c, d, alpha):
+    if a.shape[0] == b.shape[1]:
+        return loha_delta(a, b, c, d, alpha)
+    return (alpha / b.shape[0]) * (a @ b) @ (c @ d).T
+
+
+def lokr_shapes(m, n, r, factor=-1, decompose_both=False, full_matrix=False):
+    return adapter_shapes(
+        "lokr", m, n, r, factor=factor, decompose_both=decompose_both, full_matrix=full_matrix
+    )
+
+
+def lokr_shapes_with(bug: str):
+    """lokr_shapes with one slip a student makes, named by `bug`."""
+
+    def shapes(m, n, r, factor=-1, decompose_both=False, full_matrix=False):
+        split = -1 if bug == "factor ignored" else factor
+        (a, c), (b, d) = factorize(m, split), factorize(n, split)
+        w1, w2 = (a, b), (c, d)
+        if bug == "swapped":
+            w1, w2 = w2, w1
+        if bug == "paired by dimension":
+            w1, w2 = (a, c), (b, d)
+        full = full_matrix and bug != "full_matrix ignored"
+        side = min(w2) if bug == "min side" else max(w2)
+        w2_pair = (r <= side / 2 if bug == "strict threshold" else r < side / 2) and not full
+        w1_pair = (
+            decompose_both
+            and bug != "decompose_both ignored"
+            and (r < max(w1) / 2 or bug == "W1 always split")
+            and not full
+        )
+        out = {"lokr_w1_a": (w1[0], r), "lokr_w1_b": (r, w1[1])} if w1_pair else {"lokr_w1": w1}
+        if w2_pair:
+            down = (w2[1], r) if bug == "down factor transposed" else (r, w2[1])
+            out |= {"lokr_w2_a": (w2[0], r), "lokr_w2_b": down}
+        else:
+            out |= {"lokr_w2": w2}
+        if bug == "alpha 1-d":
+            out["alpha"] = (1,)
+        elif bug != "no alpha":
+            out["alpha"] = ()
+        if bug == "an extra tensor":
+            out["lokr_t2"] = (r, r)
+        return out
+
+    shapes.__name__ = f"lokr_shapes_{bug.replace(' ', '_')}"
+    return shapes
 
 
 CASES = [
@@ -128,21 +184,48 @@ CASES = [
         [
             (lambda a, b, c, d, alpha: (a @ b) * (c @ d), "the scale α/r is missing"),
             (lambda a, b, c, d, alpha: (alpha / b.shape[0]) * (a @ b + c @ d), "not a sum"),
+            (loha_scaled_twice, "the scale α/r is applied twice"),
+            (loha_matmul, "`@` is the matrix product; ⊙ is the entry-wise"),
+            (loha_matmul_transposed, "`@` is the matrix product; ⊙ is the entry-wise"),
             (
-                lambda a, b, c, d, alpha: (
-                    (alpha / b.shape[0]) * (a @ b) @ (c @ d).T[:, : b.shape[1]]
-                ),
-                "(α/r)·(w1a @ w1b) * (w2a @ w2b)",
+                lambda a, b, c, d, alpha: (alpha / b.shape[0]) ** 2 * (a @ b) @ (c @ d),
+                "and α/r is applied twice",
+            ),
+            (lambda a, b, c, d, alpha: (a @ b) @ (c @ d), "and the scale α/r is missing"),
+            (loha_matmul_when_not_square, "needs n = m"),
+            (loha_matmul_transposed_when_not_square, "a transpose only makes `@` fit"),
+            (lambda a, b, c, d, alpha: (b.shape[0] / alpha) * (a @ b) * (c @ d), "not r/α"),
+            (lambda a, b, c, d, alpha: alpha * (a @ b) * (c @ d), "divide α by the rank"),
+            (
+                lambda a, b, c, d, alpha: (alpha / a.shape[0]) * (a @ b) * (c @ d),
+                "a side of the layer (w1a is m × r, w1b is r × n)",
+            ),
+            (lambda a, b, c, d, alpha: 7 * (a @ b) * (c @ d), "you scaled P ⊙ Q by 7"),
+            (
+                lambda a, b, c, d, alpha: loha_delta(a, b, c, d, alpha) + 1,
+                "ΔW = (α/r)·(w1a @ w1b) * (w2a @ w2b)",
             ),
         ],
     ),
     (
-        checks.check_lokr_factors,
-        lokr_factors,
+        checks.check_lokr_shapes,
+        lokr_shapes,
         [
-            (factors_swapped, "W1 = a × b takes the smaller number"),
-            (factors_paired_by_dimension, "(a, c) split m and (b, d) split n"),
-            (lambda m, n: ((1, 1), (m, n)), "(a, c) = factorize(m)"),
+            (lokr_shapes_with("no alpha"), "each layer also stores its alpha"),
+            (lokr_shapes_with("alpha 1-d"), "alpha is a 0-d tensor"),
+            (lokr_shapes_with("swapped"), "W1 and W2 are swapped"),
+            (lokr_shapes_with("paired by dimension"), "(a, c) split m and (b, d) split n"),
+            (lokr_shapes_with("factor ignored"), "the split ignores factor = 16"),
+            (lokr_shapes_with("strict threshold"), "at exactly r = max(c, d)/2 = 40/2"),
+            (lokr_shapes_with("min side"), "the rule looks at W2's larger side"),
+            (lokr_shapes_with("decompose_both ignored"), "decompose_both=True splits W1 too"),
+            (lokr_shapes_with("W1 always split"), "decompose_both splits W1 only while"),
+            (lokr_shapes_with("full_matrix ignored"), "full_matrix=True stores both factors"),
+            (lokr_shapes_with("down factor transposed"), "lokr_w2_b is the down factor"),
+            (lokr_shapes_with("an extra tensor"), "the tensors are"),
+            (lambda m, n, r, **options: [(m, n)], "must return a dict"),
+            (lambda m, n, r, **options: {"lokr_w1": 4}, "each shape must be a tuple of ints"),
+            (lambda m, n, r, **options: {"lokr_w1": (1, m)}, "W1 must be 16 × 24"),
         ],
     ),
     (
@@ -158,15 +241,6 @@ CASES = [
             (lokr_rank_off_columns, "you divided α by 6 = w2b.shape[1]"),
             (lokr_plus_one, "scale = α/r, r = w2a.shape[1], when W2 is low-rank"),
             (lokr_refuses, "lokr_delta raised ValueError with W2 low-rank, α = 3: no"),
-        ],
-    ),
-    (
-        checks.check_file_kib,
-        kib,
-        [
-            (lambda n, layers, size: n * size / 1024, "also stores its alpha"),
-            (lambda n, layers, size: (n + layers) * size / 1000, "a KiB is 1024 bytes"),
-            (lambda n, layers, size: (n + layers) * 4 / 1024, "bytes per number"),
         ],
     ),
 ]
@@ -194,7 +268,8 @@ CASES += [
             ((8, 6), "on 16 × 16 the bound is r² = 9"),
             ((9, 9), "a 6 × 40 matrix has rank at most 6"),
             ((9, 5), "min(r², m, n)"),
-            ([9, 6], "two whole numbers"),
+            ((9,), "two whole numbers"),
+            ("9, 6", "two whole numbers"),
         ],
     ),
     (
@@ -242,4 +317,56 @@ CASES += [
     ),
 ]
 
+CASES += [
+    (
+        checks.check_smallest_lokr,
+        {"factor": 2, "rank": 3},
+        [
+            ({"factor": -1, "rank": 4}, "misses the update by"),
+            ({"factor": 4, "rank": 8}, "with factor = 4 the split is W1 4 × 4"),
+            ({"factor": 2, "rank": 2}, "the W2 this update needs (32 × 32) has rank 3"),
+            ({"factor": 2, "rank": 8}, "W2's pair needs a rank of at least W2's own rank"),
+            ({"factor": 2, "rank": 16}, "at this rank LyCORIS stores W2 whole"),
+            ({"factor": 2, "rank": 3, "full_matrix": True}, "full_matrix stores both"),
+            ({"factor": 1, "rank": 6}, "but 196 are enough"),
+            ({"factor": 0, "rank": 3}, "LyCORIS's LoKr refuses"),
+            ((2, 3), "write your answer as a dict"),
+            ({"factor": 2, "rank": 3, "alpha": 1}, "write your answer as a dict"),
+            ({"factor": 2.0, "rank": 3}, "factor and rank must be whole numbers"),
+        ],
+    ),
+]
+
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)
+
+
+@pytest.mark.parametrize(
+    ("check", "answer"),
+    [
+        (checks.check_loha_rank_prediction, [9, 6]),  # a list is a pair too
+        (checks.check_smallest_lokr, {"factor": 32, "rank": 3}),  # the same split, sorted
+        (checks.check_smallest_lokr, {"factor": 2, "rank": 3, "decompose_both": True}),
+        (checks.check_smallest_lokr, {"factor": 3, "rank": 3}),  # 3 does not divide 64: 2 · 32
+    ],
+    ids=str,
+)
+def test_check_accepts_an_answer_written_differently(check, answer, capsys) -> None:
+    check(answer)
+    assert capsys.readouterr().out.startswith("✓ ")
+
+
+@pytest.mark.parametrize(
+    "check",
+    [checks.check_w2_full_rank, checks.check_loha_rank_prediction, checks.check_smallest_lokr],
+)
+def test_an_answer_left_blank_reads_as_not_done_yet(check) -> None:
+    with pytest.raises(NotImplementedError, match=r"^Exercise 3\.\d: .*not answered yet"):
+        check(None)
+
+
+def test_the_mystery_update_is_a_kronecker_product_that_the_default_split_misses() -> None:
+    W = checks.mystery_update()
+    R = W.reshape(2, 32, 2, 32).permute(0, 2, 1, 3).reshape(4, 32 * 32)
+    assert torch.linalg.matrix_rank(R) == 1  # W = X ⊗ Y with X 2 × 2
+    assert torch.linalg.matrix_rank(W) == 6  # rank(X)·rank(Y) = 2 · 3
+    assert count_params("lokr", 64, 64, 3, factor=2) == 4 + 3 * (32 + 32) == 196

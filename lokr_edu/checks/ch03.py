@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
-from lokr_edu.checks.common import CheckError, call_student, passed, random_tensor, require_tensor
+from lokr_edu.checks.common import (
+    CheckError,
+    call_student,
+    not_answered,
+    passed,
+    prediction_pair,
+    random_tensor,
+    require_tensor,
+)
 from lokr_edu.kron import numerical_rank
 from lokr_edu.lowrank import (
     adapter_shapes,
     count_params,
-    file_size_bytes,
     loha_delta,
     lokr_delta,
     lokr_factors,
@@ -20,13 +28,14 @@ from lokr_edu.lowrank import (
 __all__ = [
     "check_loha_params",
     "check_loha_delta",
-    "check_lokr_factors",
+    "check_lokr_shapes",
     "check_lokr_delta",
-    "check_file_kib",
     "check_w2_full_rank",
     "check_loha_rank_prediction",
     "check_loha_as_one_product",
     "check_rearrange",
+    "mystery_update",
+    "check_smallest_lokr",
 ]
 
 # r = 4 is not first: there a double count 4r(m + n) equals r²(m + n), and the two mistakes
@@ -56,44 +65,197 @@ def check_loha_params(loha_params: Callable[[int, int, int], int]) -> None:
     passed("loha_params counts two rank-r pairs: 2r(m + n)")
 
 
+# (m, n, r, α): the square layer first, where `@` in place of ⊙ still runs and can be named;
+# α/r is never 1, so a missing or doubled scale shows
+LOHA_CASES = [(4, 4, 2, 3.0), (6, 5, 2, 4.0), (8, 3, 3, 1.5)]
+MATMUL = (
+    "`@` is the matrix product; ⊙ is the entry-wise (Hadamard) product, `*` between two "
+    "m × n tensors"
+)
+
+
 def check_loha_delta(loha_delta_fn: Callable[..., torch.Tensor]) -> None:
-    """Exercise 3.2: ΔW = (α/r)·(w1a·w1b) ⊙ (w2a·w2b)."""
-    for case, (m, n, r, alpha) in enumerate([(6, 5, 2, 4.0), (4, 4, 1, 1.0), (8, 3, 3, 1.5)]):
+    """Exercise 3.1: ΔW = (α/r)·(w1a·w1b) ⊙ (w2a·w2b), w1a = B₁ (m × r), w1b = A₁ (r × n),
+    w2a = B₂, w2b = A₂: each pair up first, as LyCORIS names them."""
+    for case, (m, n, r, alpha) in enumerate(LOHA_CASES):
         w1a, w1b = random_tensor(m, r, seed=case), random_tensor(r, n, seed=10 + case)
         w2a, w2b = random_tensor(m, r, seed=20 + case), random_tensor(r, n, seed=30 + case)
-        context = f"for m = {m}, n = {n}, r = {r}, α = {alpha}"
-        got = call_student("loha_delta", loha_delta_fn, w1a, w1b, w2a, w2b, alpha, context=context)
+        context = f"for m = {m}, n = {n}, r = {r}, α = {alpha:g}"
+        try:
+            got = call_student(
+                "loha_delta", loha_delta_fn, w1a, w1b, w2a, w2b, alpha, context=context
+            )
+        except CheckError as error:
+            cause = error.__cause__
+            if isinstance(cause, RuntimeError) and "cannot be multiplied" in str(cause):
+                raise CheckError(
+                    f"loha_delta raised RuntimeError {context}: {cause}. {MATMUL}: (w1a @ w1b) "
+                    "and (w2a @ w2b) are both m × n, and `@` between them needs n = m"
+                ) from cause
+            raise
+        if isinstance(got, torch.Tensor) and m != n and tuple(got.shape) in ((m, m), (n, n)):
+            raise CheckError(
+                f"loha_delta returned shape {tuple(got.shape)} {context}; expected {(m, n)}: "
+                f"{MATMUL}, and a transpose only makes `@` fit"
+            )
         require_tensor("loha_delta", got, (m, n), context)
         want = loha_delta(w1a, w1b, w2a, w2b, alpha)
         if torch.allclose(got, want):
             continue
-        if torch.allclose(got, (w1a @ w1b) * (w2a @ w2b)):
-            hint = "the scale α/r is missing"
-        elif torch.allclose(got, (alpha / r) * (w1a @ w1b + w2a @ w2b)):
-            hint = "⊙ is the entry-wise product (*), not a sum"
-        else:
-            hint = "ΔW = (α/r)·(w1a @ w1b) * (w2a @ w2b)"
+        P, Q, s = w1a @ w1b, w2a @ w2b, alpha / r
+        candidates = [
+            (P * Q, "the scale α/r is missing"),
+            (
+                s * s * P * Q,
+                "the scale α/r is applied twice (once per half?): it multiplies "
+                "the Hadamard product once, ΔW = (α/r)·(P ⊙ Q), not ((α/r)·P) ⊙ ((α/r)·Q)",
+            ),
+            (s * (P @ Q) if m == n else None, MATMUL),
+            (s * (P @ Q.T) if m == n else None, MATMUL),
+            (s * (P.T @ Q) if m == n else None, MATMUL),
+            (s * s * (P @ Q) if m == n else None, MATMUL + "; and α/r is applied twice"),
+            (P @ Q if m == n else None, MATMUL + "; and the scale α/r is missing"),
+            (s * (P + Q), "⊙ is the entry-wise product (*), not a sum"),
+            ((r / alpha) * P * Q, "the scale is α/r, not r/α"),
+            (alpha * P * Q, "the scale is α/r: divide α by the rank r = w1b.shape[0]"),
+            ((alpha / m) * P * Q, f"you divided α by {m}, a side of the layer"),
+            ((alpha / n) * P * Q, f"you divided α by {n}, a side of the layer"),
+        ]
+        matching = [h for c, h in candidates if c is not None and torch.allclose(got, c)]
+        if matching and "a side of the layer" in matching[0]:
+            matching[0] += (
+                " (w1a is m × r, w1b is r × n); the rank is r = w1b.shape[0] = w1a.shape[1]"
+            )
+        ratio = float((got * P * Q).sum() / (P * Q).square().sum())  # got ≈ ratio · P ⊙ Q?
+        if not matching and torch.allclose(got, ratio * P * Q):
+            matching = [f"you scaled P ⊙ Q by {ratio:g}; the scale is α/r = {s:g}"]
+        hint = matching[0] if matching else "ΔW = (α/r)·(w1a @ w1b) * (w2a @ w2b)"
         raise CheckError(f"loha_delta is wrong {context}: {hint}")
-    passed("loha_delta multiplies the two LoRA products entry by entry, scaled by α/r")
+    passed("loha_delta multiplies the two LoRA products entry by entry, scaled by α/r once")
 
 
-def check_lokr_factors(lokr_factors_fn: Callable[[int, int], tuple]) -> None:
-    """Exercise 3.3: m = a·c, n = b·d, with W1 = a × b the small factor."""
-    for m, n in [(320, 320), (1280, 768), (3072, 768), (10240, 1280), (97, 64)]:
-        call = f"lokr_factors({m}, {n})"
-        got = call_student("lokr_factors", lokr_factors_fn, m, n, context=f"for {call}")
-        want = lokr_factors(m, n)
+# (m, n, r, options), each case catching a different slip: the first splits 320 × 768 with
+# c ≠ d and r = 12 between min(c, d)/2 and max(c, d)/2; the second sits exactly on the
+# threshold; then decompose_both (below and at W1's threshold), factor, full_matrix, a prime.
+SHAPE_CASES = [
+    (320, 768, 12, {}),
+    (1280, 1280, 20, {}),
+    (1280, 768, 4, {"decompose_both": True}),
+    (320, 320, 8, {"decompose_both": True}),
+    (64, 64, 2, {"factor": 16}),
+    (1280, 1280, 4, {"full_matrix": True}),
+    (97, 64, 1, {}),
+]
+
+
+def _as_shapes(value: object, context: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, dict):
+        raise CheckError(
+            f"lokr_shapes must return a dict, tensor name -> shape, got {type(value).__name__} "
+            f"{context}"
+        )
+    try:
+        return {str(k): tuple(int(s) for s in v) for k, v in value.items()}
+    except (TypeError, ValueError) as error:
+        raise CheckError(
+            f"lokr_shapes returned {value!r} {context}: each shape must be a tuple of ints, "
+            "() for alpha"
+        ) from error
+
+
+def _factor_shapes(shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, int] | None:
+    """The shape of Kronecker factor `name` ("w1" or "w2") that a layout implies, or None."""
+    whole, up, down = (f"lokr_{name}", f"lokr_{name}_a", f"lokr_{name}_b")
+    if whole in shapes and len(shapes[whole]) >= 2:
+        return shapes[whole][:2]
+    if up in shapes and down in shapes and len(shapes[up]) == len(shapes[down]) == 2:
+        return shapes[up][0], shapes[down][1]
+    return None
+
+
+def _lokr_shapes_hint(
+    got: dict[str, tuple[int, ...]], m: int, n: int, r: int, options: dict
+) -> str:
+    factor = options.get("factor", -1)
+    decompose_both = options.get("decompose_both", False)
+    full_matrix = options.get("full_matrix", False)
+    (a, b), (c, d) = lokr_factors(m, n, factor)
+    want = adapter_shapes("lokr", m, n, r, **options)
+    for name, cols in (("w1", b), ("w2", d)):
+        if got.get(f"lokr_{name}_b") == (cols, r) and cols != r:
+            return (
+                f"lokr_{name}_b is the down factor, r × {'b' if name == 'w1' else 'd'} = "
+                f"{(r, cols)}; lokr_{name}_a is the up factor, {'a' if name == 'w1' else 'c'} × r"
+            )
+    W1, W2 = _factor_shapes(got, "w1"), _factor_shapes(got, "w2")
+    if (W1, W2) == ((c, d), (a, b)) and (a, b) != (c, d):
+        return (
+            "W1 and W2 are swapped: W1 = a × b takes the smaller number of each split, "
+            "(a, c) = factorize(m) and (b, d) = factorize(n), so W1 is the small factor"
+        )
+    if W1 == (a, c) and (a, c) != (a, b):
+        return "(a, c) split m and (b, d) split n, but W1 is a × b and W2 is c × d"
+    if factor != -1 and (W1, W2) == lokr_factors(m, n):
+        return f"the split ignores factor = {factor}: (a, c) = factorize(m, factor)"
+    if (W1, W2) != ((a, b), (c, d)):
+        return (
+            f"W1 must be {a} × {b} and W2 {c} × {d}: (a, c) = factorize(m, factor) and "
+            "(b, d) = factorize(n, factor)"
+        )
+    w2_whole, w1_whole = "lokr_w2" in want, "lokr_w1" in want
+    if w2_whole != ("lokr_w2" in got):
+        if w2_whole and full_matrix:
+            return "full_matrix=True stores both factors whole, lokr_w1 and lokr_w2, at any rank"
+        if w2_whole and 2 * r == max(c, d):
+            return (
+                f"at exactly r = max(c, d)/2 = {max(c, d)}/2, W2 is already whole: the rule is "
+                "r ≥ max(c, d)/2"
+            )
+        if not w2_whole and 2 * r >= min(c, d):
+            return (
+                f"the rule looks at W2's larger side: W2 is {c} × {d}, whole once "
+                f"r ≥ max(c, d)/2 = {max(c, d) / 2:g}, not min(c, d)/2"
+            )
+        return f"W2 ({c} × {d}) is stored whole (lokr_w2) exactly when r ≥ max(c, d)/2"
+    if w1_whole != ("lokr_w1" in got):
+        if full_matrix:
+            return "full_matrix=True stores both factors whole, lokr_w1 and lokr_w2, at any rank"
+        if not w1_whole:
+            return (
+                "decompose_both=True splits W1 too, into lokr_w1_a (a × r) and lokr_w1_b "
+                "(r × b), while r < max(a, b)/2"
+            )
+        if decompose_both:
+            return (
+                f"decompose_both splits W1 only while r < max(a, b)/2 = {max(a, b) / 2:g}; at "
+                f"r = {r} W1 ({a} × {b}) stays whole"
+            )
+        return "W1 is stored whole (lokr_w1) unless decompose_both=True"
+    rest = {k: v for k, v in got.items() if k != "alpha"}
+    if rest == {k: v for k, v in want.items() if k != "alpha"}:
+        if "alpha" not in got:
+            return 'each layer also stores its alpha, a 0-d tensor: "alpha": ()'
+        return f"alpha is a 0-d tensor, shape (), got {got['alpha']}"
+    return f"the tensors are {want}"
+
+
+def check_lokr_shapes(lokr_shapes: Callable[..., dict]) -> None:
+    """Exercise 3.2: the tensors one LoKr layer stores in a LyCORIS file, name -> shape, for
+    the settings factor, rank, decompose_both and full_matrix (`adapter_shapes`)."""
+    for m, n, r, options in SHAPE_CASES:
+        settings = "".join(f", {k}={v}" for k, v in options.items())
+        call = f"lokr_shapes({m}, {n}, r={r}{settings})"
+        got = call_student("lokr_shapes", lokr_shapes, m, n, r, **options, context=f"for {call}")
+        got = _as_shapes(got, f"for {call}")
+        want = adapter_shapes("lokr", m, n, r, **options)
         if got == want:
             continue
-        (a, b), (c, d) = want
-        if got == ((c, d), (a, b)):
-            hint = "W1 = a × b takes the smaller number of each split"
-        elif got == ((a, c), (b, d)):
-            hint = "(a, c) split m and (b, d) split n, but W1 is a × b and W2 is c × d"
-        else:
-            hint = "(a, c) = factorize(m) and (b, d) = factorize(n)"
+        hint = _lokr_shapes_hint(got, m, n, r, options)
         raise CheckError(f"{call} returned {got}; expected {want}: {hint}")
-    passed("lokr_factors splits both dimensions as LyCORIS does")
+    passed(
+        f"lokr_shapes lists LyCORIS's tensors on {len(SHAPE_CASES)} layers: the split, W2 whole "
+        "from r ≥ max(c, d)/2, decompose_both, full_matrix, and one alpha"
+    )
 
 
 LOKR_RULE = (
@@ -103,7 +265,8 @@ LOKR_RULE = (
 
 
 def check_lokr_delta(lokr_delta_fn: Callable[..., torch.Tensor]) -> None:
-    """Exercise 3.4: LyCORIS's LoKr with W1 full and W2 low-rank or full, and its scale rule."""
+    """Exercise 3.3: LyCORIS's LoKr with W1 full and W2 low-rank (w2a = B₂, c × r, up; w2b =
+    A₂, r × d, down) or full, and its scale rule."""
     w1 = random_tensor(4, 3, seed=1)
     w2a, w2b = random_tensor(5, 2, seed=2), random_tensor(2, 6, seed=3)  # c = 5, r = 2, d = 6
     w2 = random_tensor(5, 6, seed=4)
@@ -114,23 +277,22 @@ def check_lokr_delta(lokr_delta_fn: Callable[..., torch.Tensor]) -> None:
     for label, factors, want in cases:
         context = f"with {label}, α = 3"
         try:
-            got = lokr_delta_fn(w1, alpha=3.0, **factors)
-        except (NotImplementedError, CheckError):
-            raise
-        except (AttributeError, TypeError) as error:
-            if label == "W2 full" and "None" in str(error):
+            got = call_student(
+                "lokr_delta", lokr_delta_fn, w1, alpha=3.0, **factors, context=context
+            )
+        except CheckError as error:
+            cause = error.__cause__
+            if (
+                label == "W2 full"
+                and isinstance(cause, AttributeError | TypeError)
+                and "None" in str(cause)
+            ):
                 raise CheckError(
-                    f"lokr_delta raised {type(error).__name__} {context}: {error}. With W2 full, "
+                    f"lokr_delta raised {type(cause).__name__} {context}: {cause}. With W2 full, "
                     "w2a and w2b are None: test `w2 is not None` first, and then there is no "
                     "rank, so the scale is exactly 1"
-                ) from error
-            raise CheckError(
-                f"lokr_delta raised {type(error).__name__} {context}: {error}"
-            ) from error
-        except Exception as error:
-            raise CheckError(
-                f"lokr_delta raised {type(error).__name__} {context}: {error}"
-            ) from error
+                ) from cause
+            raise
         require_tensor("lokr_delta", got, (20, 18), context + " (ΔW = W1 ⊗ W2 is (4·5) × (3·6))")
         if torch.allclose(got, want):
             continue
@@ -164,34 +326,18 @@ def check_lokr_delta(lokr_delta_fn: Callable[..., torch.Tensor]) -> None:
     passed("lokr_delta builds W1 ⊗ W2 with α/r for a low-rank W2 and scale 1 for a full one")
 
 
-def check_file_kib(file_kib: Callable[[int, int, int], float]) -> None:
-    """Exercise 3.5: KiB of tensor data in a kohya file: the numbers plus one alpha per layer."""
-    for n_params, n_layers, itemsize in [(2_359_296, 264, 4), (267_904, 264, 2), (1_000, 3, 2)]:
-        call = f"file_kib({n_params:,}, {n_layers}, {itemsize})"
-        got = call_student(
-            "file_kib", file_kib, n_params, n_layers, itemsize, context=f"for {call}"
-        )
-        dtype = torch.float32 if itemsize == 4 else torch.float16
-        want = file_size_bytes(n_params, dtype, n_alphas=n_layers) / 1024
-        if isinstance(got, int | float) and abs(got - want) < 1e-9:
-            continue
-        if isinstance(got, int | float) and abs(got - n_params * itemsize / 1024) < 1e-9:
-            hint = "each layer also stores its alpha, one number of the same dtype"
-        elif isinstance(got, int | float) and abs(got - want * 1024 / 1000) < 1e-9:
-            hint = "a KiB is 1024 bytes"
-        else:
-            hint = "(numbers + layers) · bytes per number / 1024"
-        raise CheckError(f"{call} returned {got!r}; expected {want:.3f}: {hint}")
-    passed("file_kib counts the numbers and the alphas, in KiB")
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_w2_full_rank(prediction: int) -> None:
-    """Exercise 3.6 (predict): the smallest rank at which LyCORIS stores W2 of a 320 × 768 layer
+    """Exercise 3.4 (predict): the smallest rank at which LyCORIS stores W2 of a 320 × 768 layer
     whole (`lokr_w2`) instead of as the pair lokr_w2_a · lokr_w2_b."""
+    if prediction is None or prediction is ...:
+        raise not_answered(
+            "Exercise 3.4: predict the rank at which W2 is stored whole: not answered yet "
+            "(write a whole number)"
+        )
     m, n = 320, 768
     (a, b), (c, d) = lokr_factors(m, n)
     want = next(r for r in range(1, m * n) if "lokr_w2" in adapter_shapes("lokr", m, n, r))
@@ -228,17 +374,18 @@ def _random_loha_rank(m: int, n: int, r: int, seed: int) -> int:
 
 
 def check_loha_rank_prediction(prediction: tuple[int, int]) -> None:
-    """Exercise 3.7 (predict): the rank of a LoHa ΔW, r = 3, random factors, on a 16 × 16 and a
-    6 × 40 layer."""
+    """Exercise 3.5 (predict): the rank of a LoHa ΔW, r = 3, random factors, on a 16 × 16 and a
+    6 × 40 layer. A tuple or a list of two whole numbers."""
+    if prediction is None or prediction is ...:
+        raise not_answered(
+            "Exercise 3.5: predict the rank of a random LoHa update: not answered yet (write "
+            "two whole numbers, (rank on 16 × 16, rank on 6 × 40))"
+        )
     r = 3
     want = (_random_loha_rank(16, 16, r, seed=0), _random_loha_rank(6, 40, r, seed=10))
-    if not (
-        isinstance(prediction, tuple) and len(prediction) == 2 and all(map(_is_int, prediction))
-    ):
-        raise CheckError(
-            f"write your prediction as two whole numbers, (rank on 16 × 16, rank on 6 × 40), "
-            f"got {prediction!r}"
-        )
+    prediction = prediction_pair(
+        prediction, _is_int, "two whole numbers, (rank on 16 × 16, rank on 6 × 40)"
+    )
     square, thin = prediction
     measured = f"measured: rank {want[0]} on 16 × 16 and rank {want[1]} on 6 × 40"
     if prediction == want:
@@ -290,7 +437,7 @@ def _loha_product_hint(U: torch.Tensor, V: torch.Tensor, w1a, w1b, w2a, w2b) -> 
 
 
 def check_loha_as_one_product(loha_as_one_product: Callable[..., tuple]) -> None:
-    """Exercise 3.8 (derive): (w1a·w1b) ⊙ (w2a·w2b) = U·V with U m × r₁r₂ built from w1a, w2a
+    """Exercise 3.6 (derive): (w1a·w1b) ⊙ (w2a·w2b) = U·V with U m × r₁r₂ built from w1a, w2a
     alone and V r₁r₂ × n from w1b, w2b alone: hence rank ≤ r₁·r₂. Checked on many random
     shapes, and for the structure (U must not depend on w1b, w2b)."""
     generator = torch.Generator().manual_seed(3)
@@ -348,7 +495,7 @@ def _rearranged(W: torch.Tensor, a: int, b: int, c: int, d: int) -> torch.Tensor
 
 
 def check_rearrange(rearrange: Callable[..., torch.Tensor]) -> None:
-    """Exercise 3.9 (derive): R(W) with R(X ⊗ Y) = vec(X)·vec(Y)ᵀ, so the nearest Kronecker
+    """Exercise 3.7 (derive): R(W) with R(X ⊗ Y) = vec(X)·vec(Y)ᵀ, so the nearest Kronecker
     product to W is the best rank-1 approximation of R(W). Checked on random shapes."""
     generator = torch.Generator().manual_seed(9)
     shapes = [(2, 3, 4, 5), (3, 2, 2, 3)]
@@ -393,4 +540,136 @@ def check_rearrange(rearrange: Callable[..., torch.Tensor]) -> None:
         f"no counterexample in {len(shapes)} random shapes: R(X ⊗ Y) = vec(X)·vec(Y)ᵀ, and R only "
         f"moves entries, so ‖W − X ⊗ Y‖ = ‖R(W) − vec(X)·vec(Y)ᵀ‖. The nearest 2×3 ⊗ 4×5 "
         f"product to a random 8 × 15 W misses it by {error:.0%}"
+    )
+
+
+def mystery_update() -> torch.Tensor:
+    """Exercise 3.8 (explore): a 64 × 64 update with a structure to find (float64, ‖W‖ = 8).
+
+    Built as X ⊗ Y, X 2 × 2 random, Y 32 × 32 of rank 3: the split 2 ⊗ 32 holds it with W1
+    whole and W2 a rank-3 pair."""
+    generator = torch.Generator().manual_seed(303)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    W = torch.kron(randn(2, 2), randn(32, 3) @ randn(3, 32))
+    return W / W.norm() * 8
+
+
+def _nearest_kron(W: torch.Tensor, a: int, b: int) -> tuple[float, int]:
+    """(relative error, rank of Y) of the nearest X (a × b) ⊗ Y to W (Van Loan–Pitsianis)."""
+    c, d = W.shape[0] // a, W.shape[1] // b
+    R = W.reshape(a, c, b, d).permute(0, 2, 1, 3).reshape(a * b, c * d)
+    U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+    Y = (S[0].sqrt() * Vh[0]).reshape(c, d)
+    return float(S[1:].norm() / S.norm()), numerical_rank(Y)
+
+
+SETTING_KEYS = {"factor", "rank", "decompose_both", "full_matrix"}
+
+
+def _holds(W: torch.Tensor, setting: dict, cache: dict) -> tuple[bool, str, dict]:
+    """Can LyCORIS's LoKr with `setting` hold W exactly? (yes/no, why not, the shapes)."""
+    m, n = W.shape
+    shapes = adapter_shapes("lokr", m, n, setting["rank"], **_options(setting))
+    (a, b), (c, d) = lokr_factors(m, n, setting.get("factor", -1))
+    if (a, b) not in cache:
+        cache[a, b] = _nearest_kron(W, a, b)
+    error, rank_y = cache[a, b]  # the splits that hold W have W1 2 × 2 or 1 × 1: never a pair
+    r = setting["rank"]
+    if error > 1e-9:
+        return (
+            False,
+            (
+                f"with factor = {setting.get('factor', -1)} the split is W1 {a} × {b} ⊗ "
+                f"W2 {c} × {d}, and the nearest such Kronecker product misses the update by "
+                f"{error:.0%}: no rank helps. Look for the split whose rearranged R(W) has rank 1"
+            ),
+            shapes,
+        )
+    if "lokr_w2_a" in shapes and r < rank_y:
+        return (
+            False,
+            (
+                f"the split is right, but at r = {r} W2 = lokr_w2_a · lokr_w2_b has rank at most "
+                f"{r}, and the W2 this update needs ({c} × {d}) has rank {rank_y}"
+            ),
+            shapes,
+        )
+    return True, "", shapes
+
+
+def _options(setting: dict) -> dict:
+    return {k: setting[k] for k in ("factor", "decompose_both", "full_matrix") if k in setting}
+
+
+def _smallest_exact(W: torch.Tensor, cache: dict) -> tuple[int, dict]:
+    """The fewest numbers with which any LyCORIS LoKr setting holds W exactly, and one setting."""
+    m = W.shape[0]
+    factors = [-1] + [f for f in range(1, m + 1) if m % f == 0]
+    best: tuple[int, dict] | None = None
+    for factor in factors:
+        for rank in range(1, m + 1):
+            for decompose_both in (False, True):
+                for full_matrix in (False, True):
+                    setting = {
+                        "factor": factor,
+                        "rank": rank,
+                        "decompose_both": decompose_both,
+                        "full_matrix": full_matrix,
+                    }
+                    holds, _, shapes = _holds(W, setting, cache)
+                    numbers = sum(math.prod(s) for k, s in shapes.items() if k != "alpha")
+                    if holds and (best is None or numbers < best[0]):
+                        best = (numbers, setting)
+    assert best is not None  # factor = 1 with a full W2 always holds W
+    return best
+
+
+def check_smallest_lokr(setting: dict) -> None:
+    """Exercise 3.8 (explore): the LyCORIS LoKr setting (factor, rank, and optionally
+    decompose_both, full_matrix) with the fewest numbers that holds `mystery_update()` exactly."""
+    if setting is None or setting is ...:
+        raise not_answered(
+            "Exercise 3.8: the smallest LoKr that holds the update: not answered yet (write a "
+            "dict such as {'factor': f, 'rank': r})"
+        )
+    if not (isinstance(setting, dict) and {"factor", "rank"} <= set(setting) <= SETTING_KEYS):
+        raise CheckError(
+            "write your answer as a dict with the keys 'factor' and 'rank' (and, if you use them, "
+            f"'decompose_both' and 'full_matrix'), such as {{'factor': f, 'rank': r}}; got "
+            f"{setting!r}"
+        )
+    if not (_is_int(setting["factor"]) and _is_int(setting["rank"]) and setting["rank"] >= 1):
+        raise CheckError(f"factor and rank must be whole numbers, rank ≥ 1; got {setting!r}")
+    W, cache = mystery_update(), {}
+    try:
+        holds, why, shapes = _holds(W, setting, cache)
+    except ValueError as error:
+        raise CheckError(f"LyCORIS's LoKr refuses {setting!r}: {error}") from error
+    if not holds:
+        raise CheckError(f"{setting!r} cannot hold the update exactly: {why}")
+    numbers = sum(math.prod(s) for k, s in shapes.items() if k != "alpha")
+    fewest, _ = _smallest_exact(W, cache)
+    stored = {k: v for k, v in shapes.items() if k != "alpha"}
+    if numbers > fewest:
+        if "lokr_w2" in shapes and not setting.get("full_matrix"):
+            hint = (
+                "at this rank LyCORIS stores W2 whole (r ≥ max(c, d)/2); a smaller rank keeps "
+                "it a low-rank pair"
+            )
+        elif setting.get("full_matrix"):
+            hint = "full_matrix stores both factors whole; a low-rank W2 can be smaller"
+        else:
+            hint = "W2's pair needs a rank of at least W2's own rank, and no more"
+        raise CheckError(
+            f"{setting!r} holds the update exactly, with {numbers:,} numbers ({stored}), but "
+            f"{fewest:,} are enough: {hint}"
+        )
+    default_error = _nearest_kron(W, *lokr_factors(*W.shape)[0])[0]
+    passed(
+        f"{numbers} numbers ({stored}) hold the update exactly, the fewest of any LoKr setting. "
+        f"The default split misses it by {default_error:.0%} at any rank, and a LoRA needs rank "
+        f"{numerical_rank(W)}: {count_params('lora', *W.shape, numerical_rank(W)):,} numbers"
     )
