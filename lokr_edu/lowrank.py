@@ -102,6 +102,9 @@ def loha_delta(
 
     LyCORIS naming: w1a, w2a are m × r ("hada_w1_a"), w1b, w2b are r × n ("hada_w1_b"). The
     Hadamard product of two rank-r matrices has rank ≤ r², for 2r(m + n) numbers.
+    Factor order: each pair comes up first, as LyCORIS names it. In chapter 02's letters
+    (B up, A down), ΔW = (α/r)·(B₁A₁) ⊙ (B₂A₂) with w1a = B₁, w1b = A₁, w2a = B₂, w2b = A₂;
+    `lora_delta(down, up)` takes its single pair the other way round, down first.
     Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
     w1a, w1b = (
@@ -155,9 +158,12 @@ def lokr_delta(
     """LoKr as LyCORIS and peft store it: ΔW = scale · W1 ⊗ W2.
 
     W1 = w1 (a × b) or w1a @ w1b (a × r, r × b); W2 = w2 (c × d) or w2a @ w2b (c × r, r × d).
-    ΔW is (a·c) × (b·d). The scale is α/r as soon as one factor is low-rank (r is read off
-    w1a, else w2a), and exactly 1 when both are full: LyCORIS then ignores alpha, because no
-    rank is involved. (peft's LoKr keeps α/r even then; see tests/test_lowrank.py.)
+    ΔW is (a·c) × (b·d). Factor order: each pair up first, as LyCORIS names it; in chapter
+    02's letters (B up, A down) W1 = B₁A₁ and W2 = B₂A₂ with w1a = B₁, w1b = A₁, w2a = B₂,
+    w2b = A₂. Pass them by keyword.
+    The scale is α/r as soon as one factor is low-rank (r is read off w1a, else w2a), and
+    exactly 1 when both are full: LyCORIS then ignores alpha, because no rank is involved.
+    (peft's LoKr keeps α/r even then; see tests/test_lowrank.py.)
     Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
     W1, r1 = _lokr_half("w1", w1, w1a, w1b)  # (a, b)
