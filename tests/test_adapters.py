@@ -204,14 +204,83 @@ def test_lokr_alpha_is_ignored_when_both_factors_are_full() -> None:
     assert low.alpha.item() == 1.0 and hasattr(low, "lokr_w2_a")
 
 
-def test_dropouts_only_act_in_training() -> None:
-    model, x = make("linear", "lora", rank=4, rank_dropout=0.5, module_dropout=0.5)
-    model.eval()
-    assert torch.allclose(model(x), reference(model, x), atol=1e-5)
-    model.train()
+RATE = 0.25  # the dropout probability p in the tests below
+
+
+def within_binomial_band(dropped: int, trials: int, p: float = RATE) -> bool:
+    """dropped ~ Binomial(trials, p): within 4.5 standard deviations of trials·p."""
+    return abs(dropped - trials * p) <= 4.5 * (trials * p * (1 - p)) ** 0.5
+
+
+def channels(y: torch.Tensor, layer: str) -> torch.Tensor:
+    """y's output channels first: (channels, everything else)."""
+    return y.movedim(-1 if layer.startswith("linear") else 1, 0).flatten(1)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3x3"])
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_dropout_rate_and_rescaling(method: str, layer: str) -> None:
+    """Rank dropout in training (LyCORIS's rank_dropout): LoRA drops each of its r ranks, the
+    channels between down and up, with probability p and rescales the kept ones by 1/(1 − p),
+    as kohya's networks/lora.py does; LoHa and LoKr drop each output channel of ΔW·x with
+    probability p and do not rescale (LyCORIS's default, rank_dropout_scale=False). A channel is
+    dropped for the whole batch and every position at once."""
+    model, x = make(layer, method, rank=4, rank_dropout=RATE)
+    adapter, base = model[0].adapters["default"], model[0].base
+    if method == "lora":  # up = [I; 0]: output channel k < r carries rank k alone
+        with torch.no_grad():
+            m, r = adapter.lora_up.shape[:2]
+            adapter.lora_up.copy_(torch.eye(m, r).view_as(adapter.lora_up))
+    adapter.eval()
+    full = channels(adapter(x, base), layer)  # (channels, ·): no dropout in eval
+    watched = full[:4] if method == "lora" else full  # the channels a drop can reach
+    assert (watched.abs().amax(dim=1) > 1e-3).all()  # every one visibly nonzero
+    rescale = 1 / (1 - RATE) if method == "lora" else 1.0
+    adapter.train()
     torch.manual_seed(1)
-    outputs = {tuple(model(x)[0, :3].tolist()) for _ in range(20)}
-    assert len(outputs) > 1  # dropout changes the update from step to step
+    dropped = 0
+    for _ in range(200):
+        y = channels(adapter(x, base), layer)[: len(watched)]
+        gone = (y == 0).all(dim=1)  # (channels,)
+        kept = torch.isclose(y, rescale * watched, rtol=1e-5, atol=1e-6).all(dim=1)
+        assert (gone ^ kept).all()  # each channel: all dropped, or all kept and rescaled
+        dropped += int(gone.sum())
+    assert within_binomial_band(dropped, 200 * len(watched)), dropped / (200 * len(watched))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_module_dropout_skips_the_whole_adapter_at_its_rate(method: str) -> None:
+    """Module dropout in training: with probability p the layer is its base alone for that
+    forward (the whole adapter skipped), else the adapter acts in full, not rescaled (kohya,
+    LyCORIS)."""
+    model, x = make("linear", method, rank=4, module_dropout=RATE)
+    with_adapter, base_alone = reference(model, x), torch.tanh(model[0].base(x))
+    assert not torch.allclose(with_adapter, base_alone, atol=1e-3)
+    model.train()
+    torch.manual_seed(2)
+    dropped = 0
+    for _ in range(600):
+        y = model(x)
+        if torch.equal(y, base_alone):
+            dropped += 1
+        else:
+            assert torch.allclose(y, with_adapter, atol=1e-5)
+    assert within_binomial_band(dropped, 600), dropped / 600
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv3x3"])
+@pytest.mark.parametrize("method", METHODS)
+def test_dropouts_only_act_in_training(method: str, layer: str) -> None:
+    """In eval mode a layer with rank and module dropout computes exactly what the same layer
+    without dropout computes, every time."""
+    plain, x = make(layer, method, rank=4)
+    dropping, _ = make(layer, method, rank=4, rank_dropout=RATE, module_dropout=RATE)
+    expected = plain(x)
+    dropping.eval()
+    assert all(torch.equal(dropping(x), expected) for _ in range(20))
+    dropping.train()  # the same layer in training does drop (the flags reach the adapter)
+    torch.manual_seed(3)
+    assert any(not torch.allclose(dropping(x), expected) for _ in range(20))
 
 
 def test_adapter_layer_repr_and_keys() -> None:
