@@ -16,11 +16,15 @@ import random
 import numpy as np
 import torch
 
+from lokr_edu.sd15 import hide_known_harmless_notices
+
 __all__ = ["quiet_libraries", "setup_notebook"]
 
 
 def setup_notebook(seed: int = 0, threads: int = 1, precision: int = 4) -> None:
-    """Seed every generator, fix the thread count, round printing, fix figure sizes."""
+    """Seed every generator, fix the thread count, round printing, fix figure sizes; and hide
+    transformers' one known-harmless notice (`lokr_edu.sd15.hide_known_harmless_notices`), which
+    would otherwise print on stderr when a chapter first loads a Stable Diffusion pipeline."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -31,6 +35,7 @@ def setup_notebook(seed: int = 0, threads: int = 1, precision: int = 4) -> None:
     import matplotlib
 
     matplotlib.rcParams.update({"figure.figsize": (6.4, 4.0), "figure.dpi": 80})
+    hide_known_harmless_notices()
 
 
 def quiet_libraries() -> None:

@@ -57,7 +57,20 @@ class _KnownHarmless(logging.Filter):
         return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
 
-logging.getLogger("transformers.utils.import_utils").addFilter(_KnownHarmless())
+_KNOWN_HARMLESS = _KnownHarmless()
+
+
+def hide_known_harmless_notices() -> None:
+    """From now on, drop transformers' torchvision notice (`_KnownHarmless`); once per process.
+
+    Called by what the course runs: `lokr_edu.repro.setup_notebook` at the top of every notebook,
+    and the `lokr-edu-train` command. Never on import: a program that imports lokr_edu keeps its
+    logging as it was.
+    """
+    source = logging.getLogger("transformers.utils.import_utils")
+    if _KNOWN_HARMLESS not in source.filters:
+        source.addFilter(_KNOWN_HARMLESS)
+
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (diffusers UNet2DConditionModel)
 UNET_CONFIG: dict[str, object] = {

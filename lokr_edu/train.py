@@ -70,7 +70,7 @@ from lokr_edu.diffusion import (
     tokenize_captions,
     train,
 )
-from lokr_edu.sd15 import MODEL_ID
+from lokr_edu.sd15 import MODEL_ID, hide_known_harmless_notices
 from lokr_edu.sd_class_images import check_class_folder, ensure_class_images
 from lokr_edu.sd_recipes import help_table, with_recipe
 from lokr_edu.validate import require_int
@@ -353,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and one message."""
     from accelerate.state import PartialState
 
+    hide_known_harmless_notices()  # before the pipeline's first import
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

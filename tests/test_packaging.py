@@ -1,5 +1,5 @@
 """What a user installs: the license, the dependencies and their bounds, the extras, the console
-scripts and the version."""
+scripts, the version, and an import without side effects."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ast
 import functools
 import importlib.metadata
 import json
+import logging
 import pkgutil
 import re
 import subprocess
@@ -282,3 +283,59 @@ def test_a_checkout_that_was_never_installed_has_an_unknown_version() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "0+unknown\n"
     assert Version("0+unknown") < Version(PROJECT["version"])  # a valid version, the lowest
+
+
+def test_importing_lokr_edu_leaves_logging_as_it_was() -> None:
+    """Importing the package, its training code and its command line changes no logger (level,
+    filters, handlers); `setup_notebook` is what hides transformers' torchvision notice."""
+    done = _run(
+        """
+        import logging
+        import diffusers, transformers  # their loggers exist before lokr_edu is imported
+
+        def state():
+            loggers = logging.root.manager.loggerDict
+            return {
+                name: (logger.level, list(logger.filters), list(logger.handlers))
+                for name, logger in [("", logging.root), *loggers.items()]
+                if isinstance(logger, logging.Logger) or name == ""
+            }
+
+        before = state()
+        import lokr_edu, lokr_edu.diffusion, lokr_edu.sd15, lokr_edu.train, lokr_edu.repro
+        after = state()
+        changed = [n for n in before if before[n] != after.get(n)]
+        print(len(before), changed)
+        source = logging.getLogger("transformers.utils.import_utils")
+        print(source.filters == [])
+        lokr_edu.repro.setup_notebook()
+        lokr_edu.repro.setup_notebook()  # twice: still one filter
+        print([type(f).__name__ for f in source.filters])
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    loggers, untouched, installed = done.stdout.splitlines()
+    counted, changed = loggers.split(maxsplit=1)
+    assert int(counted) > 100 and changed == "[]"  # diffusers' and transformers' loggers
+    assert untouched == "True"
+    assert installed == "['_KnownHarmless']"
+
+
+def test_only_the_known_harmless_torchvision_notice_is_hidden() -> None:
+    from lokr_edu.sd15 import _KNOWN_HARMLESS, hide_known_harmless_notices
+
+    source = logging.getLogger("transformers.utils.import_utils")
+    already = _KNOWN_HARMLESS in source.filters
+    hide_known_harmless_notices()
+    try:
+
+        def passes(message: str) -> bool:
+            record = source.makeRecord(source.name, logging.WARNING, __file__, 0, message, (), None)
+            return bool(source.filter(record))
+
+        notice = "`SiglipImageProcessor` requires torchvision (not installed); falling back to `X`"
+        assert not passes(notice)
+        assert passes("`SiglipImageProcessor` could not be imported: a real problem")
+    finally:
+        if not already:
+            source.removeFilter(_KNOWN_HARMLESS)
