@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from lycoris.functional.general import factorization as lycoris_factorization
 from peft.tuners.lokr.layer import factorization as peft_factorization
+from torch.utils.flop_counter import FlopCounterMode
 
 import lokr_edu
 from lokr_edu.kron import (
@@ -76,6 +79,22 @@ def test_rank_of_kron_is_product_of_ranks(r_a: int, r_b: int) -> None:
     assert numerical_rank(kron(A, B)) == r_a * r_b == torch.linalg.matrix_rank(kron(A, B))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rtol", [None, 1e-6, 1e-3, 0.05, 0.5, 0.0])
+def test_numerical_rank_is_torchs_matrix_rank(dtype: torch.dtype, rtol: float | None) -> None:
+    """numerical_rank is chapter 01's own; torch.linalg.matrix_rank(M, rtol=) is the reference,
+    on matrices whose singular values spread over twelve decades (each tolerance cuts some) from
+    a largest one of 0.01 to 100 (the tolerance is relative to it)."""
+    for seed, (rows, cols) in enumerate([(9, 7), (7, 9), (12, 12), (1, 5), (30, 4)]):
+        U, _ = torch.linalg.qr(randn(rows, rows, seed=seed))
+        V, _ = torch.linalg.qr(randn(cols, cols, seed=seed + 10))
+        k = min(rows, cols)
+        spread = torch.logspace(seed - 2, seed - 14, k, dtype=torch.float64)  # σ_max 10^(seed-2)
+        M = (U[:, :k] @ torch.diag(spread) @ V[:, :k].T).to(dtype)
+        expected = int(torch.linalg.matrix_rank(M, rtol=rtol))
+        assert numerical_rank(M, rtol=rtol) == expected, (rows, cols)
+
+
 def test_numerical_rank_matches_torch_and_drops_under_float32() -> None:
     M = randn(9, 3, seed=1) @ randn(3, 7, seed=2)
     assert numerical_rank(M) == int(torch.linalg.matrix_rank(M)) == 3
@@ -112,13 +131,26 @@ def test_kron_matvec_batches(batch: tuple[int, ...]) -> None:
     assert torch.allclose(y, x @ kron(A, B).T)
 
 
-def test_kron_matvec_cost_counts() -> None:
-    cost = kron_matvec_cost(m=32, n=32, p=40, q=40, batch=128)
-    assert cost["materialized_elements"] == 1280 * 1280
-    assert cost["materialized_flops"] == 1280 * 1280 + 2 * 1280 * 1280 * 128
-    # X·Bᵀ: (32×40)(40×40) and A·(X·Bᵀ): (32×32)(32×40), 2 FLOPs per multiply-add, per vector
-    assert cost["vec_trick_flops"] == 128 * (2 * 32 * 40 * 40 + 2 * 32 * 32 * 40)
-    assert cost["vec_trick_elements"] == 32 * 40 * 128
+def counted_flops(compute) -> int:
+    """FLOPs torch's own counter records for what `compute` runs: 2 per multiply-add of a matrix
+    product (its convention, and ours), and here also 1 per elementwise product (torch counts
+    those as nothing), so that building A ⊗ B is counted too."""
+    products = {torch.ops.aten.mul: lambda *args, out_shape, **kwargs: math.prod(out_shape)}
+    with FlopCounterMode(display=False, custom_mapping=products) as counter:
+        compute()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_kron_matvec_cost_counts_what_torch_counts(batch: int) -> None:
+    m, n, p, q = 3, 4, 5, 6  # all different: a swapped size changes the count
+    A, B, x = randn(m, n, seed=1), randn(p, q, seed=2), randn(batch, n * q, seed=3)
+    cost = kron_matvec_cost(m, n, p, q, batch=batch)
+    assert cost["vec_trick_flops"] == counted_flops(lambda: kron_matvec(A, B, x))
+    assert cost["materialized_flops"] == counted_flops(lambda: x @ kron(A, B).T)
+    assert cost["materialized_elements"] == kron(A, B).numel()
+    X = x.reshape(batch, n, q)
+    assert cost["vec_trick_elements"] == (X @ B.T).numel()  # the intermediate X·Bᵀ, (n × p)
 
 
 def test_factorize_matches_lycoris_everywhere() -> None:
