@@ -261,6 +261,29 @@ def test_pipeline_keys_follow_kohya_and_both_text_encoder_spellings_load(tmp_pat
             assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+def test_kohya_lora_keys_are_those_diffusers_converts_peft_keys_to(tmp_path) -> None:
+    """diffusers' own peft -> kohya conversion (`convert_state_dict_to_kohya`) as the reference
+    for a LoRA's kohya file: the same keys and tensors, alpha = r (diffusers writes r, since a
+    peft state dict holds no α). One spelling differs by design: diffusers names the text encoder
+    lora_te1_ (SDXL's first of two), SD1.5 files name it lora_te_ (kohya sd-scripts, A1111)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    pipe = tiny_pipeline()
+    inject(pipe.unet, ["to_q", "to_k", "to_v", "to_out.0", "proj_in"], "lora", rank=2)
+    inject(pipe.text_encoder, ["q_proj", "out_proj", "fc1"], "lora", rank=2)
+    randomize_adapters(pipe.unet, pipe.text_encoder)
+    peft = load_file(str(save_adapter(pipe, tmp_path / "peft.safetensors", format="peft")))
+    reference = {
+        key.replace("lora_te1_", "lora_te_", 1): value
+        for key, value in convert_state_dict_to_kohya(peft).items()
+    }
+    ours = load_file(str(save_adapter(pipe, tmp_path / "k.safetensors", text_model_keys=False)))
+    assert ours.keys() == reference.keys()
+    assert any(k.startswith("lora_unet_") for k in ours) and any("_te_" in k for k in ours)
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value.to(ours[key].dtype)), key
+
+
 def test_a_unet_alone_loads_the_unet_part_of_a_pipeline_file(tmp_path) -> None:
     pipe = tiny_pipeline()
     inject(pipe.unet, ["to_q"], "lokr", rank=2)
