@@ -309,7 +309,7 @@ def save_adapter(
 
     tensors: dict[str, Tensor] = {}
     for layer, adapter in adapters:
-        if format == "kohya":
+        if format == "kohya":  # by hand: diffusers.utils.convert_state_dict_to_kohya is LoRA only
             key = _kohya_prefix(layer, prefix, text_model_keys)
             for parameter, value in adapter.named_parameters():
                 tensors[f"{key}.{tensor_key(parameter)}"] = cast(value)

@@ -69,6 +69,7 @@ def numerical_rank(M: torch.Tensor, rtol: float | None = None) -> int:
     `torch.linalg.matrix_rank` and NumPy. In exact arithmetic rank(A ⊗ B) = rank(A)·rank(B)
     always; under a tolerance the two sides can differ (section 3 of chapter 01).
     """
+    # by hand because chapter 01 teaches it; tests hold it to torch.linalg.matrix_rank(M, rtol=)
     require_matrix("M", M)
     if rtol is None:
         rtol = max(M.shape) * torch.finfo(M.dtype).eps
@@ -123,6 +124,7 @@ def kron_matvec_cost(m: int, n: int, p: int, q: int, batch: int = 1) -> dict[str
     vec trick:    X·Bᵀ costs 2·n·q·p and A·(X·Bᵀ) costs 2·m·n·p per vector; stores n·p.
     Section 4 of chapter 01.
     """
+    # counted by hand because chapter 01 teaches it; tests hold it to torch's FlopCounterMode
     for name, value in {"m": m, "n": n, "p": p, "q": q, "batch": batch}.items():
         require_int(name, value)
     return {

@@ -128,6 +128,7 @@ def lokr_costs(
     gradients of every factor and of the input, recomputing the intermediates instead of keeping
     them (so only x and the factors are saved). Defined in chapter 04.
     """
+    # counted by hand because chapter 04 teaches it; tests hold it to torch's FlopCounterMode
     sizes = {"a": a, "b": b, "c": c, "d": d, "vectors": vectors, "kernel": kernel}
     for name, value in sizes.items():
         require_int(name, value)
