@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from check_cases import check_tests
 from torch import nn
 
 from lokr_edu import checks
 from lokr_edu.adapters import AdapterLayer, LoRA
+from lokr_edu.checks.common import CheckError
 from lokr_edu.kron_apply import kron_linear
 from lokr_edu.sd15 import kohya_key
 
@@ -401,3 +403,10 @@ CASES += [
     ),
 ]
 test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_tests(CASES)
+
+
+def test_a_prediction_written_as_a_list_is_read_as_the_pair() -> None:
+    """Exercise 4.7: [True, False] is the answer (True, False); a wrong list is still wrong."""
+    checks.check_eta_prediction([True, False])
+    with pytest.raises(CheckError, match="one layer computes"):
+        checks.check_eta_prediction([False, False])

@@ -13,6 +13,7 @@ from lokr_edu.checks.common import (
     CheckError,
     call_student,
     passed,
+    prediction_pair,
     random_tensor,
     require_tensor,
     shape_str,
@@ -390,14 +391,9 @@ def check_eta_prediction(prediction: tuple[bool, bool]) -> None:
     inject(net, ["0", "2", "4"], method="lora", rank=2, alpha=2.0)
     gaps = (_eta_gap(one, seed=70), _eta_gap(net, seed=80))
     want = tuple(gap < 1e-9 for gap in gaps)
-    if not (
-        isinstance(prediction, tuple)
-        and len(prediction) == 2
-        and all(isinstance(v, bool) for v in prediction)
-    ):
-        raise CheckError(
-            f"write your prediction as two booleans, (one layer, network), got {prediction!r}"
-        )
+    prediction = prediction_pair(
+        prediction, lambda v: isinstance(v, bool), "two booleans, (one layer, network)"
+    )
     one_gap = "0 (to rounding)" if gaps[0] < 1e-9 else f"{gaps[0]:.2g}"
     measured = (
         f"measured ‖y(0.5) − average‖ / ‖y(1) − y(0)‖ = {one_gap} for one layer and "
