@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lokr_edu.validate import require_int, require_matrix
 
-METHODS = ("full", "lora", "loha", "lokr", "lokr_writeup")
+METHODS = ("full", "lora", "loha", "lokr")
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
@@ -174,20 +174,6 @@ def lokr_delta(
     return lokr_scale(alpha, rank) * torch.kron(W1, W2)  # (a·c, b·d)
 
 
-def lokr_delta_writeup(A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
-    """LoKr in the source write-up's notation: ΔW = (A Bᵀ) ⊗ (C Dᵀ).
-
-    A is a × r, B is b × r, C is c × r (the write-up says "A is a c × r matrix": a typo for C),
-    D is d × r; ΔW is (a·c) × (b·d), for r(a + b + c + d) numbers and rank ≤ r².
-    The same ΔW as `lokr_delta(w1a=A, w1b=B.T, w2a=C, w2b=D.T)` with scale 1.
-    Defined in chapter 03 (03_loha_and_lokr.ipynb).
-    """
-    A, B, C, D = (require_matrix(k, v) for k, v in zip("ABCD", (A, B, C, D), strict=True))
-    left = _product("lokr_delta_writeup", "A", A, "B.T", B.T)  # (a, r) @ (r, b) -> (a, b)
-    right = _product("lokr_delta_writeup", "C", C, "D.T", D.T)  # (c, r) @ (r, d) -> (c, d)
-    return torch.kron(left, right)  # (a·c, b·d)
-
-
 # ---------------------------------------------------------------------------------------------
 # what one adapted layer stores
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +273,6 @@ def adapter_shapes(
       decompose_both and r < max(a, b)/2; W2 = "lokr_w2_a" (c, r) and "lokr_w2_b"
       (r, d·kh·kw) when r < max(c, d)/2, else the full "lokr_w2" (c, d, kh, kw).
       full_matrix forces both full. (Tucker / use_tucker layouts are not covered.)
-    - lokr_writeup: "A" (a, r), "B" (b, r), "C" (c, r), "D" (d, r): r(a + b + c + d), Linear only.
     Defined in chapter 03 (03_loha_and_lokr.ipynb).
     """
     if method not in METHODS:
@@ -304,10 +289,6 @@ def adapter_shapes(
     if method in ("lora", "loha"):
         return layout_shapes(method, (m, n, *k), r) | {"alpha": ()}
     (a, b), (c, d) = lokr_factors(m, n, factor)
-    if method == "lokr_writeup":
-        if k:
-            raise ValueError("kernel_size: the write-up's LoKr is defined for matrices only")
-        return {"A": (a, r), "B": (b, r), "C": (c, r), "D": (d, r)}
     # LyCORIS: "lora_dim too large ... full matrix mode" when r ≥ half the factor's larger side
     w1_low_rank = decompose_both and not full_matrix and r < max(a, b) / 2
     w2_low_rank = not full_matrix and r < max(c, d) / 2
@@ -330,7 +311,7 @@ def count_params(
 ) -> int:
     """Trainable numbers one adapted layer stores (the per-layer alpha scalar not included).
 
-    Linear m × n: full m·n; LoRA r(m + n); LoHa 2r(m + n); LoKr write-up r(a + b + c + d);
+    Linear m × n: full m·n; LoRA r(m + n); LoHa 2r(m + n);
     LoKr as LyCORIS stores it: a·b + (c + d)·r, or a·b + c·d once r ≥ max(c, d)/2.
     The keyword options are those of `adapter_shapes`.
     Defined in chapter 02 (02_peft_and_lora.ipynb) and chapter 03 (03_loha_and_lokr.ipynb).

@@ -26,7 +26,6 @@ from lokr_edu.lowrank import (
     layout_shapes,
     loha_delta,
     lokr_delta,
-    lokr_delta_writeup,
     lokr_factors,
     lora_delta,
     safetensors_size_bytes,
@@ -280,15 +279,13 @@ def test_peft_and_lycoris_factorize_differently_for_a_large_factor() -> None:
     assert tuple(layer.lokr_w1["default"].shape) == (16, 16)
 
 
-def test_lokr_delta_writeup() -> None:
+def test_lokr_delta_with_four_thin_factors() -> None:
+    """decompose_both: W1 = w1a·w1b and W2 = w2a·w2b, so ΔW = (A Bᵀ) ⊗ (C Dᵀ), of rank ≤ r²."""
     A, B, C, D = randn(4, 2, seed=1), randn(5, 2, seed=2), randn(6, 2, seed=3), randn(3, 2, seed=4)
-    delta = lokr_delta_writeup(A, B, C, D)
+    delta = lokr_delta(w1a=A, w1b=B.T, w2a=C, w2b=D.T)
     assert delta.shape == (24, 15)  # (a·c) × (b·d)
     torch.testing.assert_close(delta, torch.kron(A @ B.T, C @ D.T))
-    torch.testing.assert_close(delta, lokr_delta(w1a=A, w1b=B.T, w2a=C, w2b=D.T))
     assert torch.linalg.matrix_rank(delta).item() == 4  # rank(ABᵀ) · rank(CDᵀ) = r²
-    with pytest.raises(ValueError, match="B.T"):
-        lokr_delta_writeup(A, randn(5, 3), C, D)
 
 
 def test_lokr_delta_bad_input() -> None:
@@ -315,17 +312,19 @@ def test_count_params_formulas() -> None:
     assert count_params("loha", m, n, r) == 2 * r * (m + n) == 8704
     (a, b), (c, d) = lokr_factors(m, n)
     assert ((a, c), (b, d)) == ((16, 20), (24, 32))
-    assert count_params("lokr_writeup", m, n, r) == r * (a + b + c + d) == 368
+    assert count_params("lokr", m, n, r, decompose_both=True) == r * (a + b + c + d) == 368
     assert count_params("lokr", m, n, r) == a * b + (c + d) * r == 592
     assert count_params("lokr", m, n, 16) == a * b + c * d == 1024  # 16 ≥ max(20, 32)/2
 
 
-def test_lokr_writeup_bound_and_equality() -> None:
-    """r(a + b + c + d) ≥ 2r(√m + √n), with equality when a = c and b = d."""
+def test_four_factor_lokr_bound_and_equality() -> None:
+    """With four thin factors, r(a + b + c + d) ≥ 2r(√m + √n), with equality when a = c, b = d."""
     for m, n in [(320, 768), (1280, 5120), (10240, 1280), (768, 3072)]:
-        lhs = count_params("lokr_writeup", m, n, 4)
+        lhs = count_params("lokr", m, n, 4, decompose_both=True)
+        (a, b), (c, d) = lokr_factors(m, n)
+        assert lhs == 4 * (a + b + c + d)
         assert lhs >= 2 * 4 * (math.sqrt(m) + math.sqrt(n)) - 1e-9
-    assert count_params("lokr_writeup", 1024, 256, 4) == 2 * 4 * (32 + 16)
+    assert count_params("lokr", 1024, 256, 4, decompose_both=True) == 2 * 4 * (32 + 16)
 
 
 def test_lokr_w2_switches_to_full_at_half_its_largest_side() -> None:
@@ -381,8 +380,6 @@ def test_count_params_bad_input() -> None:
         count_params("lokr", 0, 768, 4)
     with pytest.raises(ValueError, match="factor"):
         count_params("lokr", 320, 768, 4, factor=0)
-    with pytest.raises(ValueError, match="kernel_size"):
-        count_params("lokr_writeup", 320, 768, 4, kernel_size=3)
 
 
 # ---------------------------------------------------------------------------------------------
