@@ -92,7 +92,7 @@ SAMPLING = {"steps": 10, "guidance_scale": 3.0}  # how chapter 07 samples the ti
 # benchmarks/dreambooth_digits.py; the step budget is the same for both (the script also measures
 # both at half of it), and the rest is shared.
 CONCEPT_RECIPE = {
-    "lora": {"method": "lora", "rank": 8, "learning_rate": 5e-3, "steps": 300},
+    "lora": {"method": "lora", "rank": 8, "learning_rate": 1e-2, "steps": 300},
     "lokr": {
         "method": "lokr",
         "rank": 8,
