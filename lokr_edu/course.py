@@ -4,6 +4,10 @@
     python -m lokr_edu.course run notebooks/01_*.ipynb
     python -m lokr_edu.course execute --inplace solutions/01_kronecker_product_solutions.ipynb
 
+`run` writes each lecture's time (whole seconds), with the machine it ran on, into the results
+file the syllabus reads (`lokr_edu.syllabus.TIMES_FILE`; `--times` for another): only the
+lectures it ran, and only those that ran to the end.
+
 `execute --inplace` is how an author commits outputs: a clean top-to-bottom run in a fresh kernel
 of the current environment, then metadata trimmed to kernel + language, so diffs show content.
 
@@ -16,10 +20,13 @@ installed as a plain package, without the repository around it.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +41,10 @@ KERNEL_METADATA = {
     "language_info": {"name": "python"},
 }
 ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # in tracebacks from the kernel
+TIMES_ABOUT = (
+    "Each lecture's run time in whole seconds, written by `python -m lokr_edu.course run` "
+    "(make course) with the machine it ran on; lokr_edu.syllabus reads it."
+)
 MAX_SOCKET_PREFIX = 96  # + "-<n>": under the 104 bytes of a macOS Unix socket path (108 Linux)
 
 __all__ = [
@@ -43,6 +54,8 @@ __all__ = [
     "execute_notebook",
     "kernel_config",
     "lectures",
+    "machine",
+    "record_time",
     "main",
 ]
 
@@ -129,18 +142,66 @@ def lectures() -> list[Path]:
     return sorted((repository_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_course(paths: list[Path], out: Path) -> int:
+def machine() -> dict[str, object]:
+    """What a time was measured on: the cores this process may use, torch's threads (a kernel
+    started from here has the same), torch's version."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def record_time(notebook: Path, seconds: float, times: Path) -> str | None:
+    """Write a lecture's time into the results file `times`; other entries stay as they are.
+
+    A lecture is notebooks/NN_topic.ipynb; its entry is keyed "notebooks/NN_topic.ipynb", as in
+    the syllabus. Any other notebook (a solution, a copy elsewhere) is not recorded: None. A
+    missing file is started. The file is replaced in one step (a new file, then `os.replace`),
+    so a reader never sees half of it, and an interrupted run leaves the old one.
+    """
+    path = notebook.resolve()
+    if path.parent.name != "notebooks" or not re.fullmatch(r"\d\d_\w+\.ipynb", path.name):
+        return None
+    key = f"notebooks/{path.name}"
+    data = json.loads(times.read_text(encoding="utf-8")) if times.exists() else {}
+    mode = times.stat().st_mode & 0o777 if times.exists() else 0o644  # a temporary file's is 0o600
+    data = {"about": TIMES_ABOUT, "chapters": data.get("chapters", {})}
+    entry = {"seconds": round(seconds), "date": datetime.date.today().isoformat(), **machine()}
+    data["chapters"] = dict(sorted((data["chapters"] | {key: entry}).items()))
+    times.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=times.parent, prefix=f".{times.name}.", delete=False
+    ) as file:
+        try:
+            file.write(json.dumps(data, indent=2) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+            os.chmod(file.name, mode)
+        except BaseException:
+            file.close()
+            os.unlink(file.name)
+            raise
+    os.replace(file.name, times)
+    return key
+
+
+def run_course(paths: list[Path], out: Path, times: Path | None = None) -> int:
     """Execute each notebook into out/notebooks and render it to out/html; print a summary.
 
     A notebook that fails (an error in a cell, a cell past its timeout, a kernel that died)
-    does not stop the others; the summary names the first that broke.
+    does not stop the others; the summary names the first that broke. Each lecture that ran
+    has its time written into `times` (default: the syllabus' results file, `TIMES_FILE`).
     """
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from nbconvert import HTMLExporter
 
+    from lokr_edu.syllabus import TIMES_FILE
+
+    times = times or TIMES_FILE
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     (out / "html").mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
+    recorded: list[str] = []
     for path in paths:
         try:
             nb, seconds = execute_notebook(path)
@@ -155,6 +216,10 @@ def run_course(paths: list[Path], out: Path) -> int:
         html, _ = HTMLExporter().from_notebook_node(nb)
         (out / "html" / f"{path.stem}.html").write_text(html, encoding="utf-8")
         print(f"{path.stem:<32} ok       {seconds:6.1f} s", flush=True)
+        if key := record_time(path, seconds, times):
+            recorded.append(key)
+    if recorded:
+        print(f"{len(recorded)} lecture time(s) written to {times}")
     print(f"{len(paths) - len(failures)}/{len(paths)} chapters ran; HTML in {out / 'html'}")
     if failures:
         print(f"first to break: {failures[0]}")
@@ -171,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="execute lectures into build/ with HTML renderings")
     run.add_argument("paths", nargs="*", type=Path)
     run.add_argument("--out", type=Path, help="default: build/ of this checkout")
+    run.add_argument(
+        "--times", type=Path, help="results file for the lectures' times (default: the syllabus')"
+    )
     execute = commands.add_parser("execute", help="execute notebooks and save them in place")
     execute.add_argument("paths", nargs="+", type=Path)
     execute.add_argument("--inplace", action="store_true", required=True)
@@ -182,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = args.paths or lectures()
         except NotACheckoutError as error:
             parser.exit(2, f"{parser.prog}: error: {error}\n")
-        return run_course(paths, out)
+        return run_course(paths, out, args.times)
     for path in args.paths:
         nb, seconds = execute_notebook(path)
         nbformat.write(nb, path)

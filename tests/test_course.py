@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lokr_edu import course
+from lokr_edu import course, syllabus
 
 SETUP = Path(__file__).resolve().parent.parent / "notebooks" / "00_setup.ipynb"
 
@@ -85,6 +87,71 @@ def test_the_summary_names_the_first_notebook_that_broke(tmp_path, monkeypatch, 
         f"2/5 chapters ran; HTML in {tmp_path / 'html'}",
         "first to break: 02_error.ipynb",
     ]
+
+
+def test_running_a_lecture_writes_its_time_into_the_results_file(tmp_path) -> None:
+    """`course run` on one tiny lecture, in a real kernel: its entry in a copy of the committed
+    results file is replaced by the measured time and this machine; every other entry stays."""
+    import torch
+
+    lecture = tmp_path / "notebooks" / "01_tiny.ipynb"
+    lecture.parent.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), lecture)
+    committed = syllabus.TIMES_FILE.read_bytes()
+    chapters = json.loads(committed)["chapters"]
+    stale = {"seconds": 999, "date": "2000-01-01", "cores": 0, "torch_threads": 0, "torch": "0"}
+    times = tmp_path / "chapter_times.json"
+    times.write_text(json.dumps({"chapters": chapters | {"notebooks/01_tiny.ipynb": stale}}))
+    mode = times.stat().st_mode
+
+    argv = ["run", "--out", str(tmp_path / "build"), "--times", str(times), str(lecture)]
+    assert course.main(argv) == 0
+    written = json.loads(times.read_text())
+    entry = written["chapters"].pop("notebooks/01_tiny.ipynb")
+    assert written == {"about": course.TIMES_ABOUT, "chapters": chapters}
+    assert isinstance(entry.pop("seconds"), int) and entry["date"] != stale["date"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert entry == {
+        "date": datetime.date.today().isoformat(),
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["build", "chapter_times.json", "notebooks"]  # no temporary file stays
+    assert times.stat().st_mode == mode  # not a temporary file's 0o600
+    assert syllabus.TIMES_FILE.read_bytes() == committed  # the committed file is not touched
+
+
+def test_only_lectures_that_ran_to_the_end_get_a_time(tmp_path, monkeypatch, capsys) -> None:
+    from nbclient.exceptions import CellExecutionError
+
+    seconds = {"01_fine": 12.4, "02_error": None, "01_fine_solutions": 3.0, "03_copy": 5.0}
+
+    def execute(path: Path):  # no kernel: a time per notebook, or the error of a failing cell
+        if seconds[path.stem] is None:
+            raise CellExecutionError("traceback", "ZeroDivisionError", "by zero")
+        return nbformat.v4.new_notebook(), seconds[path.stem]
+
+    monkeypatch.setattr(course, "execute_notebook", execute)
+    times = tmp_path / "times" / "chapter_times.json"  # missing: the first run starts it
+    lectures = tmp_path / "notebooks"
+    fine, error = lectures / "01_fine.ipynb", lectures / "02_error.ipynb"
+    assert course.run_course([fine], tmp_path / "build", times) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == f"1 lecture time(s) written to {times}"
+    first = json.loads(times.read_text())["chapters"]
+    assert list(first) == ["notebooks/01_fine.ipynb"]
+    assert first["notebooks/01_fine.ipynb"]["seconds"] == 12
+
+    seconds["01_fine"] = 20.6
+    old = {"seconds": 7, "date": "2000-01-01", "cores": 2, "torch_threads": 2, "torch": "2.4.0"}
+    times.write_text(json.dumps({"chapters": first | {"notebooks/02_error.ipynb": old}}))
+    others = [tmp_path / "solutions" / "01_fine_solutions.ipynb", tmp_path / "03_copy.ipynb"]
+    assert course.run_course([fine, error, *others], tmp_path / "build", times) == 1
+    second = json.loads(times.read_text())["chapters"]
+    assert list(second) == ["notebooks/01_fine.ipynb", "notebooks/02_error.ipynb"]
+    assert second["notebooks/01_fine.ipynb"]["seconds"] == 21  # whole seconds
+    assert second["notebooks/02_error.ipynb"] == old  # it broke: its last time stays
 
 
 def test_the_repository_root_is_this_checkout_and_a_plain_install_is_told_so(tmp_path) -> None:
