@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import datetime
+import fnmatch
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -10,6 +14,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import lokr_edu
+from lokr_edu import syllabus
 from lokr_edu.syllabus import CHAPTERS, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +88,49 @@ def test_ready_chapters_have_their_files(chapter) -> None:
         assert (REPO / chapter.exercises).exists()
         solution = chapter.exercises.replace("exercises", "solutions")
         assert (REPO / solution).exists()
+
+
+def _typed_times(source: str) -> list[str]:
+    """The times typed into a module: every number in its code (a `Chapter(..., 12, ...)`
+    argument, `seconds=12`), and every number with a unit of time in its text or comments."""
+    numbers = [
+        f"line {node.lineno}: {node.value!r}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float)
+    ]
+    unit = r"\b\d+(?:\.\d+)?\s*(?:s|sec|seconds?|min|minutes?|h|hours?)\b"
+    texts = [
+        f"line {n}: {match.group()}"
+        for n, line in enumerate(source.splitlines(), 1)
+        for match in re.finditer(unit, line)
+    ]
+    return numbers + texts
+
+
+def test_no_time_is_typed_into_the_syllabus() -> None:
+    """Chapter times come from the results file `make course` writes, never from the code."""
+    assert _typed_times('Chapter("01", "t", "n", (), "CPU", 12, None)') == ["line 1: 12"]
+    assert _typed_times("x = f(minutes=2.5)  # about 3 s") == ["line 1: 2.5", "line 1: 3 s"]
+    assert _typed_times('"""runs in ~12 s"""') == ["line 1: 12 s"]
+    assert _typed_times(Path(syllabus.__file__).read_text()) == []
+
+
+def test_the_syllabus_times_are_the_results_files() -> None:
+    """Every ready chapter's time is its entry in lokr_edu/data/chapter_times.json, which the
+    package installs; each entry says when and on what it was measured, and names a chapter."""
+    path = REPO / "lokr_edu" / "data" / "chapter_times.json"
+    assert syllabus.TIMES_FILE == path
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["lokr_edu"]
+    assert any(fnmatch.fnmatch("data/chapter_times.json", p) for p in patterns)
+    entries = json.loads(path.read_text())["chapters"]
+    assert {c.notebook: c.cpu_seconds for c in CHAPTERS if c.ready} == {
+        notebook: entry["seconds"] for notebook, entry in entries.items()
+    }
+    for entry in entries.values():
+        assert set(entry) == {"seconds", "date", "cores", "torch_threads", "torch"}
+        assert isinstance(entry["seconds"], int) and entry["seconds"] >= 0
+        datetime.date.fromisoformat(entry["date"])
+        assert entry["cores"] >= 1 and entry["torch_threads"] >= 1
 
 
 def test_every_lecture_notebook_is_in_the_syllabus() -> None:
