@@ -108,7 +108,7 @@ install-latest:
 	$(LATEST)/bin/python -m pip list --disable-pip-version-check --format=freeze --exclude-editable
 
 test-latest: install-latest
-	$(LATEST)/bin/python -m lokr_edu.course run --out build/latest notebooks/*.ipynb solutions/*.ipynb
+	$(LATEST)/bin/python -m lokr_edu.course run --out build/latest --times build/latest/chapter_times.json notebooks/*.ipynb solutions/*.ipynb
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -16,6 +16,7 @@ import random
 import numpy as np
 import torch
 
+from lokr_edu.checks.common import brief_blank_exercises
 from lokr_edu.sd15 import hide_known_harmless_notices
 
 __all__ = ["quiet_libraries", "setup_notebook"]
@@ -24,7 +25,8 @@ __all__ = ["quiet_libraries", "setup_notebook"]
 def setup_notebook(seed: int = 0, threads: int = 1, precision: int = 4) -> None:
     """Seed every generator, fix the thread count, round printing, fix figure sizes; and hide
     transformers' one known-harmless notice (`lokr_edu.sd15.hide_known_harmless_notices`), which
-    would otherwise print on stderr when a chapter first loads a Stable Diffusion pipeline."""
+    would otherwise print on stderr when a chapter first loads a Stable Diffusion pipeline; and
+    in a notebook, show a blank exercise as one line (`checks.common.brief_blank_exercises`)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -36,6 +38,7 @@ def setup_notebook(seed: int = 0, threads: int = 1, precision: int = 4) -> None:
 
     matplotlib.rcParams.update({"figure.figsize": (6.4, 4.0), "figure.dpi": 80})
     hide_known_harmless_notices()
+    brief_blank_exercises()  # a blank exercise reads as one line in the notebook
 
 
 def quiet_libraries() -> None:

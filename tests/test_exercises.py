@@ -14,7 +14,7 @@ from nbclient import NotebookClient
 from traitlets.config import Config
 
 from lokr_edu.checks import CheckError
-from lokr_edu.checks.common import not_answered, prediction_pair
+from lokr_edu.checks.common import brief_blank_exercises, not_answered, prediction_pair
 from lokr_edu.course import repository_root
 from lokr_edu.exercises import (
     TITLE,
@@ -144,17 +144,9 @@ def test_exercise_notebook_as_shipped_fails_exactly_at_its_exercises(solution: P
             "blank answer",
             lines,
         )
-        if checked_function_raises(nb.cells[index].source):
-            assert lines == [f"✗ not done yet: {evalue}"], (title, lines)
-
-
-def checked_function_raises(source: str) -> bool:
-    """Does the cell hand its check the function (or class) whose body is the exercise's stub?"""
-    stub = re.search(r'^\s+raise NotImplementedError\("Exercise', source, re.M)
-    if stub is None:  # the stub is the cell's own line: no check runs
-        return False
-    owners = re.findall(r"^(?:def|class) (\w+)", source[: stub.start()], re.M)
-    return bool(owners) and owners[-1] in re.findall(r"checks\.check_\w+\((\w+)", source)
+        # one line, whether a check ran the stub or the cell's own line raised it
+        # (setup_notebook's brief_blank_exercises)
+        assert lines == [f"✗ not done yet: {evalue}"], (title, lines)
 
 
 # --- what a student sees -------------------------------------------------------------------------
@@ -284,3 +276,21 @@ def test_a_prediction_pair_is_a_tuple_or_a_list(pair) -> None:
 def test_anything_else_is_not_a_prediction_pair(wrong) -> None:
     with pytest.raises(CheckError, match=r"write your prediction as two booleans, \(a, b\), got"):
         prediction_pair(wrong, is_bool, "two booleans, (a, b)")
+
+
+def test_a_blank_raised_at_the_cells_top_level_is_one_line(shell, capsys) -> None:
+    """A `prediction = ...` exercise raises its stub before any check runs: one line too, once
+    setup_notebook (here its part, brief_blank_exercises) has run in the kernel."""
+    stub = 'raise NotImplementedError("Exercise 4.7: predict η (replace this line)")'
+    error, lines = shown(shell, capsys, stub)
+    assert len(lines) > 1  # IPython's traceback of the cell, before the handler
+    brief_blank_exercises(shell)
+    try:
+        error, lines = shown(shell, capsys, stub)
+        assert type(error) is NotImplementedError
+        assert lines == ["✗ not done yet: Exercise 4.7: predict η (replace this line)"]
+        # any other NotImplementedError keeps its traceback
+        error, lines = shown(shell, capsys, "raise NotImplementedError('not this dtype')")
+        assert len(lines) > 1 and lines[-1] == "NotImplementedError: not this dtype", lines
+    finally:
+        shell.set_custom_exc((), None)

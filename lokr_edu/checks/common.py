@@ -99,6 +99,32 @@ def shown_briefly(error: BaseException, tb: TracebackType | None = None) -> Base
     return error
 
 
+def brief_blank_exercises(shell=None) -> None:
+    """Show an exercise's stub raised at a cell's top level (`prediction = ...` cells, whose
+    `raise NotImplementedError("Exercise N.M: … (replace this line)")` runs before any check)
+    as one line too, `✗ not done yet: …`, in the IPython kernel running the notebook.
+
+    An IPython custom exception handler for NotImplementedError: a stub gets the one-line
+    rendering of `shown_briefly`, any other NotImplementedError IPython's usual traceback; the
+    error itself (type, message) is unchanged. Outside IPython it does nothing.
+    `lokr_edu.repro.setup_notebook` calls it."""
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:  # a script, not a notebook
+            return
+        shell = get_ipython()
+        if shell is None:
+            return
+
+    def handler(self, etype, value, tb, tb_offset=None):
+        if STUB.match(str(value)):
+            shown_briefly(value, tb)
+        self.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+    shell.set_custom_exc((NotImplementedError,), handler)
+
+
 def not_answered(message: str) -> NotImplementedError:
     """The error for an answer left blank (None or ...): "Exercise N.M: title: not answered yet
     (write …)". A NotImplementedError, as a blank exercise raises, shown as one line."""
