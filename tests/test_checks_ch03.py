@@ -348,7 +348,7 @@ test_check_passes_on_the_reference, test_check_explains_a_wrong_answer = check_t
         (checks.check_smallest_lokr, {"factor": 2, "rank": 3, "decompose_both": True}),
         (checks.check_smallest_lokr, {"factor": 3, "rank": 3}),  # 3 does not divide 64: 2 · 32
     ],
-    ids=str,
+    ids=lambda value: getattr(value, "__name__", str(value)),
 )
 def test_check_accepts_an_answer_written_differently(check, answer, capsys) -> None:
     check(answer)
