@@ -30,12 +30,27 @@ class PackageStatus:
 
 
 def check_installation(extras: tuple[str, ...] = ("dev",)) -> list[PackageStatus]:
-    """One row per requirement of lokr-edu (core, plus the given extras), in pyproject order."""
-    rows = []
-    for line in metadata.requires("lokr-edu") or []:
-        requirement = Requirement(line)
+    """One row per requirement of lokr-edu (core, plus the given extras), in pyproject order.
+
+    An extra that names another of lokr-edu's own (`dev` includes `lokr-edu[course]`) brings
+    that extra's requirements in, not a row for lokr-edu itself."""
+    requirements = [Requirement(line) for line in metadata.requires("lokr-edu") or []]
+
+    def wanted(requirement: Requirement, chosen: set[str]) -> bool:
         marker = requirement.marker
-        if marker is not None and not any(marker.evaluate({"extra": e}) for e in extras):
+        return marker is None or any(marker.evaluate({"extra": e}) for e in chosen)
+
+    chosen = set(extras)
+    while True:  # the extras the chosen ones include, transitively
+        more = {
+            e for r in requirements if r.name == "lokr-edu" and wanted(r, chosen) for e in r.extras
+        }
+        if more <= chosen:
+            break
+        chosen |= more
+    rows = []
+    for requirement in requirements:
+        if requirement.name == "lokr-edu" or not wanted(requirement, chosen):
             continue
         try:
             installed = metadata.version(requirement.name)

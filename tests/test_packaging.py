@@ -339,3 +339,15 @@ def test_only_the_known_harmless_torchvision_notice_is_hidden() -> None:
     finally:
         if not already:
             source.removeFilter(_KNOWN_HARMLESS)
+
+
+def test_the_installation_check_lists_the_extras_dev_includes() -> None:
+    """Chapter 00's table: [dev] names lokr-edu[course], so the course's packages are rows of
+    their own, and lokr-edu itself is not a row."""
+    from lokr_edu.environment import check_installation
+
+    names = {row.name.lower() for row in check_installation()}
+    assert {"nbformat", "nbclient", "ipykernel", "pytest", "torch"} <= names
+    assert "lokr-edu" not in names
+    core = {row.name.lower() for row in check_installation(extras=())}
+    assert "torch" in core and "nbformat" not in core and "pytest" not in core
